@@ -1,0 +1,304 @@
+"""Typed run configuration: dataclasses with a doc per field, YAML presets, dotted overrides.
+
+Merge order: dataclass defaults -> preset YAML -> ``key=value`` overrides. Unknown keys and values of the wrong type
+are errors that name the key. This module imports neither torch nor ray, so the CLI's ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+# Projections of the text model, modality projection and perceiver resampler; never the vision encoder, whose
+# q/k/v_proj a plain suffix list would also catch (GUIDE §5).
+LORA_TARGET_REGEX = (
+    r".*(text_model|connector\.modality_projection|connector\.perceiver_resampler)"
+    r".*(q|k|v|o|gate|up|down)_proj$"
+)
+
+
+class ConfigError(ValueError):
+    """A preset or override that does not fit the schema; the message names the offending key."""
+
+
+def doc(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field carrying its documentation (shown by ``medvqa config --help-fields``)."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": help})
+    return field(default=default, metadata={"doc": help})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = doc("tiny", "HF hub id or local folder of an Idefics2 checkpoint; 'tiny' builds (once, "
+                                    "cached) a randomly initialised ~0.4M-parameter Idefics2 offline.")
+    quantization: Literal["4bit", "none"] = doc("4bit", "'4bit': bitsandbytes NF4 QLoRA (as the study); 'none': "
+                                                        "full-precision base with LoRA.")
+    compute_dtype: Literal["auto", "bfloat16", "float32"] = doc(
+        "auto", "Compute dtype of the 4-bit layers and autocast: 'auto' = bfloat16 on CUDA, float32 on CPU. "
+                "Never float16: the study's fp16 compute gave NaN gradients.")
+    double_quant: bool = doc(True, "Nested quantization of the 4-bit scales (saves ~0.4 bit/param).")
+    gradient_checkpointing: bool = doc(False, "Recompute activations in backward: less memory, ~30% slower.")
+    do_image_splitting: bool = doc(False, "Idefics2 image splitting into 4 crops + global (study: off).")
+    longest_edge: Optional[int] = doc(None, "Resize images so the longest edge is this many pixels; None keeps the "
+                                            "processor's default (980 for Idefics2-8B, 64 for tiny).")
+    cache_dir: str = doc("~/.cache/medvqa", "Where the tiny model and HF downloads are cached.")
+    seed: int = doc(0, "Seed for building the tiny model (same seed -> same weights).")
+
+
+@dataclass
+class LoraConfig:
+    r: int = doc(8, "LoRA rank; higher: more capacity and memory.")
+    alpha: int = doc(8, "LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = doc(0.1, "Dropout on the LoRA input.")
+    init: Literal["gaussian", "default"] = doc("gaussian", "LoRA A init: 'gaussian' (study) or PEFT's kaiming.")
+    target_regex: str = doc(LORA_TARGET_REGEX, "Regex over full module names selecting LoRA targets.")
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["phantom", "vqa_rad", "vqa_rad_hf", "roco", "roco_hf", "pathvqa_hf"] = doc(
+        "phantom", "Source adapter: 'phantom' synthetic radiographs; 'vqa_rad' original JSON + image folder; "
+                   "'vqa_rad_hf' / 'roco_hf' / 'pathvqa_hf' HF dataset id, parquet or save_to_disk folder; "
+                   "'roco' original captions.txt + image folder.")
+    path: str = doc("", "Folder, parquet file or HF dataset id (unused for 'phantom').")
+    split: str = doc("train", "Split to read ('train', 'test', 'validation').")
+    task: Literal["caption", "vqa"] = doc("vqa", "Which phantom records to generate (caption or question-answer).")
+    limit: Optional[int] = doc(None, "Use only the first N records after a seeded shuffle (ROCO subset size).")
+    num_records: int = doc(256, "Phantom records to generate.")
+    seed: int = doc(0, "Seed for phantoms and subset sampling.")
+
+
+@dataclass
+class StageConfig:
+    enabled: bool = doc(True, "Run this stage.")
+    task: Literal["caption", "vqa"] = doc("vqa", "'caption' (stage 1, ROCO) or 'vqa' (stage 2, VQA-RAD).")
+    prompt: str = doc("Answer briefly.", "Instruction appended to the question (vqa) or the whole prompt (caption).")
+    data: DataConfig = doc(factory=DataConfig, help="Training data source.")
+    epochs: float = doc(1.0, "Passes over the data.")
+    max_steps: Optional[int] = doc(None, "Stop after this many optimizer steps (overrides epochs when smaller).")
+    lr: float = doc(1e-4, "Peak AdamW learning rate.")
+    batch_size: int = doc(2, "Per-worker micro-batch size.")
+    grad_accum: int = doc(8, "Micro-batches per optimizer step (effective batch = batch_size*grad_accum*workers).")
+    warmup_steps: int = doc(50, "Linear warm-up, in optimizer steps.")
+    schedule: Literal["linear", "cosine", "constant"] = doc("linear", "Decay after warm-up.")
+    weight_decay: float = doc(0.01, "AdamW weight decay.")
+    max_grad_norm: float = doc(1.0, "Gradient clipping norm (0 disables).")
+    max_length: int = doc(512, "Truncate token sequences to this many tokens (answers are never cut mid-prompt).")
+
+
+@dataclass
+class ResourcesConfig:
+    num_workers: int = doc(1, "Ray Train workers (one per GPU on a cluster).")
+    use_gpu: bool = doc(False, "One GPU per worker.")
+    cpus_per_worker: float = doc(0.5, "CPUs reserved per Train worker. Fractional on small machines: a worker "
+                                      "holding a whole CPU starves Ray Data's tasks on 2 cores and the run hangs.")
+    data_cpus_per_task: float = doc(0.25, "CPUs per Ray Data preprocessing task.")
+    data_concurrency: int = doc(2, "Max parallel Ray Data preprocessing tasks.")
+    num_cpus: Optional[int] = doc(None, "CPUs for a locally started Ray (None: all).")
+
+
+@dataclass
+class RunConfig:
+    name: str = doc("tiny", "Human-readable prefix of the run id.")
+    output_dir: str = doc("runs", "Parent folder of run directories.")
+    seed: int = doc(0, "Seed for data order, LoRA init and everything stochastic.")
+    handoff: Literal["continue", "merge"] = doc("continue", "Stage 1 -> 2: 'continue' trains the same adapter "
+                                                           "(study); 'merge' merges it and starts a fresh LoRA.")
+    log_every_n_steps: int = doc(1, "Report loss, lr, samples/s, tokens/s every N optimizer steps.")
+    checkpoint_every_n_steps: int = doc(50, "Checkpoint adapter, optimizer, scheduler and data position.")
+    max_failures: int = doc(2, "Ray Train restarts from the latest checkpoint after a worker failure.")
+    max_reject_fraction: float = doc(0.05, "Stop with an error when more than this fraction of records is rejected.")
+    evaluate: bool = doc(False, "Run the evaluation matrix after training.")
+
+
+@dataclass
+class Config:
+    run: RunConfig = doc(factory=RunConfig, help="Run identity, hand-off, logging and fault tolerance.")
+    model: ModelConfig = doc(factory=ModelConfig, help="Base model and quantization.")
+    lora: LoraConfig = doc(factory=LoraConfig, help="LoRA adapter.")
+    stage1: StageConfig = doc(factory=lambda: StageConfig(
+        task="caption", prompt="Describe this radiology image.", epochs=3, lr=1e-5,
+        data=DataConfig(kind="phantom", task="caption")), help="Stage 1: radiology captioning (ROCO).")
+    stage2: StageConfig = doc(factory=lambda: StageConfig(task="vqa", epochs=2, lr=1e-4),
+                              help="Stage 2: medical VQA (VQA-RAD).")
+    resources: ResourcesConfig = doc(factory=ResourcesConfig, help="Ray resources.")
+
+    def stages(self) -> list[tuple[str, StageConfig]]:
+        """Enabled stages in training order."""
+        return [(n, s) for n, s in (("stage1", self.stage1), ("stage2", self.stage2)) if s.enabled]
+
+
+# ----------------------------------------------------------------------------------------------- construction
+
+
+def _check_value(key: str, tp: Any, value: Any) -> Any:
+    """Coerce ``value`` to type ``tp`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_value(key, inner, value)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML reads '1e-5' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _merge(obj: Any, data: dict, prefix: str = "") -> Any:
+    """Return a copy of dataclass ``obj`` with ``data`` (a nested dict) merged in, type-checked."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    updates = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}' (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            updates[key] = _merge(current, value, full + ".")
+        else:
+            updates[key] = _check_value(full, hints[key], value)
+    return dataclasses.replace(obj, **updates)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["stage1.lr=1e-5", "lora.r=16"]`` -> nested dict; values are parsed as YAML scalars."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. stage2.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = nested
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r} conflicts with another override")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return nested
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_path(preset: str) -> Path:
+    """A preset name (``paper``) or a path to a YAML file (e.g. a sweep's best config)."""
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    path = PRESETS_DIR / f"{preset}.yaml"
+    if not path.exists():
+        raise ConfigError(f"unknown preset {preset!r} (known: {', '.join(list_presets())}; or pass a YAML path)")
+    return path
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that types alone cannot express."""
+    if not cfg.stages():
+        raise ConfigError("stage1.enabled and stage2.enabled are both false: nothing to train")
+    for name, stage in cfg.stages():
+        for key in ("batch_size", "grad_accum", "max_length"):
+            if getattr(stage, key) < 1:
+                raise ConfigError(f"{name}.{key}: must be >= 1")
+        if stage.lr <= 0:
+            raise ConfigError(f"{name}.lr: must be > 0")
+        if stage.epochs <= 0 and not stage.max_steps:
+            raise ConfigError(f"{name}.epochs: must be > 0 (or set {name}.max_steps)")
+        if stage.data.kind != "phantom" and not stage.data.path:
+            raise ConfigError(f"{name}.data.path: required for data.kind={stage.data.kind!r}")
+    if cfg.lora.r < 1:
+        raise ConfigError("lora.r: must be >= 1")
+    if not 0 <= cfg.lora.dropout < 1:
+        raise ConfigError("lora.dropout: must be in [0, 1)")
+    if not 0 <= cfg.run.max_reject_fraction <= 1:
+        raise ConfigError("run.max_reject_fraction: must be in [0, 1]")
+    if cfg.resources.num_workers < 1:
+        raise ConfigError("resources.num_workers: must be >= 1")
+    if cfg.resources.cpus_per_worker <= 0 or cfg.resources.data_cpus_per_task <= 0:
+        raise ConfigError("resources.cpus_per_worker and data_cpus_per_task: must be > 0")
+    return cfg
+
+
+def _load_preset(preset: str, seen: tuple = ()) -> Config:
+    """A preset YAML merged over defaults; a top-level ``base: other`` merges over that preset instead, so a
+    variant (e.g. the single-stage baseline) states only what differs and cannot drift from its parent."""
+    path = preset_path(preset)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a preset must be a mapping")
+    base = data.pop("base", None)
+    if base in seen:
+        raise ConfigError(f"{path}: circular 'base: {base}'")
+    parent = _load_preset(base, seen + (preset,)) if base else Config()
+    return _merge(parent, data)
+
+
+def load_config(preset: str = "tiny", overrides: list[str] | None = None) -> Config:
+    """Defaults -> preset YAML (-> its base) -> overrides, then validated."""
+    cfg = _load_preset(preset)
+    if overrides:
+        cfg = _merge(cfg, parse_overrides(overrides))
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from ``to_dict`` output (e.g. a run's resolved config.yaml)."""
+    return validate(_merge(Config(), data))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def field_docs(obj: Any = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, current value, doc) for every leaf field, for ``medvqa config``."""
+    obj = Config() if obj is None else obj
+    rows = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += field_docs(value, f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", repr(value), f.metadata.get("doc", "")))
+    return rows

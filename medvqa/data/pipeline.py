@@ -1,0 +1,268 @@
+"""Ray Data: source records -> validated Arrow records in the run dir -> model inputs streamed into Train workers.
+
+Two passes, both streaming (no step ever holds the whole data set):
+1. ``prepare_records``: source adapter -> ``validate_batch`` (decode check, content hash, normalisation) in parallel
+   tasks -> valid rows written as parquet under ``data/<stage>/``; rejected rows are written by the same tasks to
+   ``rejects/<stage>/`` (no image bytes), then gathered into ``rejects/<stage>.jsonl`` with a manifest. The run stops
+   when rejects exceed ``run.max_reject_fraction``. A finished stage is reused on restart.
+2. ``training_dataset``: the prepared parquet -> ``preprocess_batch`` (image decode/resize and the processor's chat
+   template, labels masked with -100 outside the answer) in parallel tasks; ``collate`` pads micro-batches on the
+   worker.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import shutil
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medvqa.config import DataConfig, ResourcesConfig, StageConfig
+from medvqa.prompts import prompt_text
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss's ignore_index: positions that carry no loss
+_RAW_CHUNK = 64  # raw records per Ray Data block when reading from a driver-side iterator
+_MANIFEST_COLUMNS = ["id", "image_id", "split", "source", "answer_type", "question_type"]
+
+
+class TooManyRejects(RuntimeError):
+    """More records failed validation than ``run.max_reject_fraction`` allows."""
+
+
+# ------------------------------------------------------------------------------------------------- pass 1
+
+
+def _phantom_batch(batch: dict, task: str, seed: int, split: str) -> dict:
+    from medvqa.data.phantoms import phantom_record
+
+    rows = [phantom_record(int(i), task, seed, split) for i in batch["id"]]
+    return {k: [r.get(k) for r in rows] for k in rows[0]}
+
+
+def raw_dataset(data: DataConfig, parallelism: int = 8):
+    """A Ray Dataset of raw (unvalidated) records. Phantoms are generated inside tasks from their index; other
+    sources are read by their adapter as cheap pointer records (paths, not pixels) and decoded by the tasks."""
+    import ray
+
+    if data.kind == "phantom":
+        n = data.limit if data.limit is not None else data.num_records
+        return ray.data.range(n, override_num_blocks=max(1, min(parallelism, n // _RAW_CHUNK or 1))).map_batches(
+            _phantom_batch, fn_kwargs={"task": data.task, "seed": data.seed, "split": data.split},
+            batch_format="numpy", batch_size=_RAW_CHUNK)
+    from medvqa.data.adapters import iter_raw_records
+
+    items = list(iter_raw_records(data))
+    if not items:
+        raise ValueError(f"data source {data.kind}:{data.path} split={data.split!r} has no records")
+    # Columns a source lacks become empty strings; JSON-safe meta.
+    keys = sorted({k for r in items for k in r})
+    items = [{k: r.get(k) for k in keys} for r in items]
+    return ray.data.from_items(items, override_num_blocks=max(1, min(parallelism * 4, len(items) // _RAW_CHUNK or 1)))
+
+
+def _validate_and_split(batch: dict, rejects_dir: str) -> dict:
+    """Validate a batch; write its rejects (without image bytes) to a part file named by the batch's ids, so a
+    retried task overwrites rather than duplicates; return only the valid rows."""
+    from medvqa.data.records import validate_batch
+
+    out = validate_batch(batch)
+    reasons = out["reject_reason"]
+    bad = [i for i, r in enumerate(reasons) if r]
+    if bad:
+        key = hashlib.sha1("\n".join(str(out["id"][i]) for i in bad).encode()).hexdigest()[:16]
+        with open(Path(rejects_dir) / f"part-{key}.jsonl", "w") as f:
+            for i in bad:
+                row = {k: v[i] for k, v in out.items() if k != "image"}
+                f.write(json.dumps(row, default=str) + "\n")
+    keep = [i for i, r in enumerate(reasons) if not r]
+    return {k: [v[i] for i in keep] for k, v in out.items()}
+
+
+def prepare_records(data: DataConfig, out_dir: Path, rejects_dir: Path, resources: ResourcesConfig,
+                    max_reject_fraction: float) -> dict:
+    """Validate ``data`` into parquet at ``out_dir``; return (and write) the manifest. Idempotent: reuses a finished
+    ``out_dir`` (its manifest.json is written last)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+    from ray.data import TaskPoolStrategy
+
+    from medvqa.data.records import SCHEMA
+
+    manifest_path = out_dir / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        log.info("reusing prepared records %s (%d valid, %d rejected)", out_dir, manifest["valid"],
+                 manifest["rejected"])
+        _check_rejects(manifest, max_reject_fraction)
+        return manifest
+    for d in (out_dir, rejects_dir):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+    ds = raw_dataset(data).map_batches(
+        _validate_and_split, fn_kwargs={"rejects_dir": str(rejects_dir)}, batch_format="numpy",
+        batch_size=_RAW_CHUNK, num_cpus=resources.data_cpus_per_task,
+        compute=TaskPoolStrategy(size=resources.data_concurrency))
+    ds.write_parquet(str(out_dir), schema=SCHEMA)
+
+    # Counts from a column projection of the written files (no image bytes read back).
+    files = sorted(out_dir.glob("*.parquet"))
+    table = pa.concat_tables([pq.read_table(f, columns=_MANIFEST_COLUMNS) for f in files]) if files else None
+    rejects = [json.loads(line) for p in sorted(rejects_dir.glob("part-*.jsonl")) for line in p.open()]
+    rejects.sort(key=lambda r: str(r.get("id")))
+    rejects_file = rejects_dir.with_suffix(".jsonl")
+    with open(rejects_file, "w") as f:
+        for r in rejects:
+            f.write(json.dumps(r) + "\n")
+    shutil.rmtree(rejects_dir)
+    valid = table.num_rows if table is not None else 0
+    reasons: dict[str, int] = {}
+    for r in rejects:
+        reasons[r["reject_reason"]] = reasons.get(r["reject_reason"], 0) + 1
+    manifest = {
+        "source": data.kind, "path": data.path, "split": data.split, "limit": data.limit, "seed": data.seed,
+        "total": valid + len(rejects), "valid": valid, "rejected": len(rejects),
+        "reject_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        "rejects_file": str(rejects_file),
+        "unique_images": len(set(table.column("image_id").to_pylist())) if table is not None else 0,
+        "answer_types": _counts(table, "answer_type"),
+        "question_types": _counts(table, "question_type"),
+        "sources": _counts(table, "source"),
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    _check_rejects(manifest, max_reject_fraction)
+    return manifest
+
+
+def _counts(table, column: str) -> dict:
+    if table is None:
+        return {}
+    values = table.column(column).to_pylist()
+    return {str(k): values.count(k) for k in sorted(set(values), key=str)}
+
+
+def _check_rejects(manifest: dict, max_fraction: float) -> None:
+    total, rejected = manifest["total"], manifest["rejected"]
+    if total == 0 or manifest["valid"] == 0:
+        raise TooManyRejects(f"no valid records in {manifest['source']}:{manifest['path']} "
+                             f"({rejected} rejected; reasons {manifest['reject_reasons']}; see "
+                             f"{manifest['rejects_file']})")
+    if rejected / total > max_fraction:
+        raise TooManyRejects(
+            f"{rejected} of {total} records ({rejected / total:.1%}) were rejected, more than "
+            f"run.max_reject_fraction={max_fraction:.1%}; reasons: {manifest['reject_reasons']}; each rejected record "
+            f"and its reason is in {manifest['rejects_file']}. Fix the data or raise run.max_reject_fraction.")
+
+
+# ------------------------------------------------------------------------------------------------- pass 2
+
+
+@functools.lru_cache(maxsize=4)
+def cached_processor(model_path: str, do_image_splitting: bool, longest_edge: int | None):
+    """One processor per Ray worker process (tasks reuse their process), not one per batch."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_path)
+    # Set on the image processor object: per call it splits images without expanding <image> tokens (GUIDE §5).
+    processor.image_processor.do_image_splitting = do_image_splitting
+    if longest_edge:
+        processor.image_processor.size = {**processor.image_processor.size, "longest_edge": longest_edge}
+    return processor
+
+
+def decode_image(data: bytes):
+    from PIL import Image
+
+    image = Image.open(BytesIO(data))
+    return image.convert("RGB")
+
+
+def encode_example(processor, image, instruction: str, question: str, target: str | None, max_length: int) -> dict:
+    """Token ids, labels and pixels for one example.
+
+    The prompt (user turn with the expanded image tokens, up to "Assistant:") and the answer are tokenised
+    separately and concatenated, so the label boundary is exact (no BPE merge across it). Labels are -100 on the
+    whole prompt (and therefore on every image token); only the answer and its <end_of_utterance> are trained.
+    With ``target=None`` only the prompt is encoded (for generation).
+    """
+    prompt = prompt_text(processor, instruction, question)
+    enc = processor(text=[prompt], images=[[image]], return_tensors="np")
+    prompt_ids = enc["input_ids"][0].astype(np.int64)
+    out = {"pixel_values": enc["pixel_values"][0].astype(np.float32),  # [n_images, 3, H, W]
+           "pixel_attention_mask": enc["pixel_attention_mask"][0].astype(bool)}
+    if target is None:
+        out["input_ids"] = prompt_ids
+        return out
+    tok = processor.tokenizer
+    eou = tok.convert_tokens_to_ids("<end_of_utterance>")
+    answer_ids = np.asarray(tok(" " + target, add_special_tokens=False)["input_ids"] + [eou], dtype=np.int64)
+    room = max(max_length - len(prompt_ids), 1)  # truncate the answer, never the prompt (it holds the image)
+    answer_ids = answer_ids[:room]
+    out["input_ids"] = np.concatenate([prompt_ids, answer_ids])
+    out["labels"] = np.concatenate([np.full(len(prompt_ids), IGNORE_INDEX, dtype=np.int64), answer_ids])
+    return out
+
+
+def preprocess_batch(batch: dict, model_path: str, instruction: str, max_length: int, do_image_splitting: bool,
+                     longest_edge: int | None) -> dict:
+    """Ray Data UDF: prepared records -> unpadded model inputs (one row per example; padding happens in collate)."""
+    processor = cached_processor(model_path, do_image_splitting, longest_edge)
+    rows = [encode_example(processor, decode_image(img), instruction, str(q or ""), str(t), max_length)
+            for img, q, t in zip(batch["image"], batch["prompt"], batch["target"])]
+    return {"id": list(batch["id"]), **{k: [r[k] for r in rows] for k in rows[0]}}
+
+
+def training_dataset(records_dir: Path, stage: StageConfig, model_path: str, resources: ResourcesConfig,
+                     do_image_splitting: bool = False, longest_edge: int | None = None, seed: int = 0):
+    """Streaming Ray Dataset of model inputs for one stage."""
+    import ray
+    from ray.data import TaskPoolStrategy
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same order every epoch and after a restart: data position is exact
+    ds = ray.data.read_parquet(str(records_dir), columns=["id", "image", "prompt", "target"])
+    return ds.map_batches(
+        preprocess_batch,
+        fn_kwargs={"model_path": model_path, "instruction": stage.prompt, "max_length": stage.max_length,
+                   "do_image_splitting": do_image_splitting, "longest_edge": longest_edge},
+        batch_format="numpy", batch_size=16, num_cpus=resources.data_cpus_per_task,
+        compute=TaskPoolStrategy(size=resources.data_concurrency))
+
+
+def collate(batch: dict[str, Any], pad_token_id: int) -> dict:
+    """Pad a micro-batch on the worker: right padding (training), labels -100 and attention 0 on pad positions,
+    pixel tensors zero-padded to the largest image with pixel_attention_mask marking real pixels."""
+    import torch
+
+    ids = [np.asarray(x) for x in batch["input_ids"]]
+    n, length = len(ids), max(len(x) for x in ids)
+    input_ids = torch.full((n, length), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((n, length), dtype=torch.long)
+    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.from_numpy(x)
+        attention[i, : len(x)] = 1
+        if "labels" in batch:
+            labels[i, : len(x)] = torch.from_numpy(np.asarray(batch["labels"][i]))
+    pixels = [np.asarray(p) for p in batch["pixel_values"]]
+    masks = [np.asarray(m) for m in batch["pixel_attention_mask"]]
+    n_img = max(p.shape[0] for p in pixels)
+    h, w = max(p.shape[-2] for p in pixels), max(p.shape[-1] for p in pixels)
+    pixel_values = torch.zeros((n, n_img, 3, h, w), dtype=torch.float32)
+    pixel_mask = torch.zeros((n, n_img, h, w), dtype=torch.bool)
+    for i, (p, m) in enumerate(zip(pixels, masks)):
+        pixel_values[i, : p.shape[0], :, : p.shape[-2], : p.shape[-1]] = torch.from_numpy(p)
+        pixel_mask[i, : m.shape[0], : m.shape[-2], : m.shape[-1]] = torch.from_numpy(m)
+    out = {"input_ids": input_ids, "attention_mask": attention, "pixel_values": pixel_values,
+           "pixel_attention_mask": pixel_mask}
+    if "labels" in batch:
+        out["labels"] = labels
+    return out

@@ -1,0 +1,26 @@
+"""Chat messages for each task, shared by training and inference so both see the same prompt.
+
+Layout follows the Idefics2 fine-tuning recipe the study started from: the instruction, then the image, then the
+question, as one user turn; the assistant turn holds only the answer (or caption).
+"""
+
+from __future__ import annotations
+
+VQA_INSTRUCTION = "Answer briefly."
+CAPTION_INSTRUCTION = "Describe this radiology image."
+EXPERT_INSTRUCTION = (
+    "You are an expert radiologist evaluating the case, answer the question succinctly based on the medical image."
+)
+
+
+def user_message(instruction: str, question: str = "") -> dict:
+    """One user turn: instruction, image, question (the question is empty for captioning)."""
+    content = [{"type": "text", "text": instruction}, {"type": "image"}]
+    if question:
+        content.append({"type": "text", "text": question})
+    return {"role": "user", "content": content}
+
+
+def prompt_text(processor, instruction: str, question: str = "") -> str:
+    """The rendered prompt up to and including the assistant prefix ("...Assistant:"), ready for generation."""
+    return processor.apply_chat_template([user_message(instruction, question)], add_generation_prompt=True)

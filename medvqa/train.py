@@ -1,0 +1,267 @@
+"""Ray Train: the per-worker training loop, one ``TorchTrainer`` per stage, and the two-stage driver.
+
+Stage 1 (captioning) and stage 2 (VQA) are the same loop with different data, prompt and hyper-parameters
+(``StageConfig``). The hand-off decides what stage 2 starts from (``run.handoff``):
+- ``continue``: the stage-1 adapter is loaded trainable and keeps training (the study);
+- ``merge``: the stage-1 adapter is frozen and a fresh adapter is trained on top (equivalent to merging stage 1 into
+  the base, which for 4-bit weights would be lossy; GUIDE §5).
+
+Fault tolerance: every ``run.checkpoint_every_n_steps`` rank 0 writes adapter, optimizer, scheduler, step and data
+position as a Ray Train checkpoint under ``checkpoints/<stage>/``. A worker failure restarts the workers from it
+(``FailureConfig``); a killed and re-submitted job finds the same run dir (deterministic run id), skips finished
+stages and resumes the unfinished one from its latest checkpoint (Ray Train V2 restores by run name + storage path).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from medvqa.config import Config, StageConfig, from_dict, to_dict
+
+log = logging.getLogger("medvqa.train")
+
+STATE_FILE = "train_state.pt"  # optimizer, scheduler, step, data position (the adapter sits beside it)
+
+
+def steps_per_epoch(num_records: int, world_size: int, stage: StageConfig) -> int:
+    """Optimizer steps per epoch on each worker (shards are equal-sized; a trailing partial accumulation steps)."""
+    micro = math.ceil((num_records // world_size) / stage.batch_size)
+    return max(1, math.ceil(micro / stage.grad_accum))
+
+
+def total_steps(num_records: int, world_size: int, stage: StageConfig) -> int:
+    steps = math.ceil(steps_per_epoch(num_records, world_size, stage) * stage.epochs)
+    return min(steps, stage.max_steps) if stage.max_steps else steps
+
+
+def build_model_for_stage(cfg: Config, stage_name: str, run_dir: Path, use_gpu: bool):
+    """The trainable model for a stage, following the hand-off policy."""
+    from medvqa.model import load_model
+
+    stage1_adapter = run_dir / "adapters" / "stage1"
+    if stage_name == "stage2" and cfg.stage1.enabled:
+        if not (stage1_adapter / "adapter_config.json").exists():
+            raise FileNotFoundError(f"stage 2 needs the stage-1 adapter at {stage1_adapter}")
+        return load_model(cfg, use_gpu=use_gpu, stage1_adapter=str(stage1_adapter), handoff=cfg.run.handoff)
+    return load_model(cfg, use_gpu=use_gpu)
+
+
+def _build_scheduler(optimizer, stage: StageConfig, num_steps: int):
+    from transformers import get_scheduler
+
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[stage.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=min(stage.warmup_steps, num_steps),
+                         num_training_steps=num_steps)
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """Ray Train worker loop. ``config``: ``cfg`` (Config as dict), ``stage``, ``run_dir``, ``num_records``."""
+    import torch
+    import ray.train
+    from ray.train import Checkpoint
+
+    from medvqa.data.pipeline import collate
+    from medvqa.model import load_processor, save_adapter
+    from medvqa.runs import append_metrics
+
+    cfg: Config = from_dict(config["cfg"])
+    stage_name: str = config["stage"]
+    stage: StageConfig = getattr(cfg, stage_name)
+    run_dir = Path(config["run_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = cfg.resources.use_gpu and torch.cuda.is_available()
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+
+    torch.manual_seed(cfg.run.seed)  # same LoRA init on every rank (DDP also broadcasts rank 0's at wrap time)
+    model = build_model_for_stage(cfg, stage_name, run_dir, use_gpu)
+    processor = load_processor(cfg.model)
+    pad_id = processor.tokenizer.pad_token_id
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=stage.weight_decay)
+    num_steps = total_steps(config["num_records"], world, stage)
+    scheduler = _build_scheduler(optimizer, stage, num_steps)
+
+    step, epoch, skip_micro = 0, 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            adapter_name = state["adapter_name"]
+            weights = load_file(str(Path(ckpt_dir) / "adapter" / _adapter_subdir(adapter_name)
+                                    / "adapter_model.safetensors"))
+            set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step, epoch, skip_micro = state["step"], state["epoch"], state["micro_in_epoch"]
+        if rank == 0:
+            log.info("[%s] resuming from checkpoint at step %d (epoch %d, %d micro-batches in)", stage_name, step,
+                     epoch, skip_micro)
+            append_metrics(run_dir, {"stage": stage_name, "event": "resumed", "step": step})
+
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False if not use_gpu else True,
+                                              parallel_strategy="ddp" if world > 1 else None)
+    autocast_dtype = torch.bfloat16 if use_gpu else None  # bf16 autocast on GPU; CPU trains in fp32
+    shard = ray.train.get_dataset_shard("train")
+    steps_epoch = steps_per_epoch(config["num_records"], world, stage)
+    model.train()
+
+    def save_checkpoint(micro_in_epoch: int, metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_adapter(model, Path(tmp) / "adapter")
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                            "epoch": epoch, "micro_in_epoch": micro_in_epoch,
+                            "adapter_name": model.active_adapter if isinstance(model.active_adapter, str)
+                            else model.active_adapter[-1]},
+                           Path(tmp) / STATE_FILE)
+                ckpt = Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{step:06d}")
+
+    t_window, samples_window, tokens_window, loss_window, micro_window = time.perf_counter(), 0, 0, 0.0, 0
+    last = {}
+    while step < num_steps:
+        micro = 0
+        optimizer.zero_grad(set_to_none=True)
+        for batch in shard.iter_torch_batches(batch_size=stage.batch_size,
+                                              collate_fn=lambda b: collate(b, pad_id), device="cpu"):
+            micro += 1
+            if micro <= skip_micro:  # data position from the checkpoint: skip what was trained on
+                continue
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = ddp_model(**batch).loss / stage.grad_accum
+            loss.backward()
+            loss_window += loss.item() * stage.grad_accum
+            micro_window += 1
+            samples_window += batch["input_ids"].shape[0]
+            tokens_window += int(batch["attention_mask"].sum())
+            end_of_epoch = micro >= steps_epoch * stage.grad_accum
+            if micro % stage.grad_accum and not end_of_epoch:
+                continue
+            if stage.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainable, stage.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % cfg.run.log_every_n_steps == 0 or step == num_steps:
+                elapsed = time.perf_counter() - t_window
+                last = {"stage": stage_name, "step": step, "total_steps": num_steps, "epoch": epoch,
+                        "loss": loss_window / max(micro_window, 1), "lr": scheduler.get_last_lr()[0],
+                        "samples_per_s": samples_window * world / elapsed,
+                        "tokens_per_s": tokens_window * world / elapsed}
+                if rank == 0:
+                    append_metrics(run_dir, last)
+                    log.info("[%s] step %d/%d (%.0f%%) loss %.4f lr %.2e %.1f samples/s %.0f tokens/s", stage_name,
+                             step, num_steps, 100 * step / num_steps, last["loss"], last["lr"],
+                             last["samples_per_s"], last["tokens_per_s"])
+                t_window, samples_window, tokens_window, loss_window, micro_window = time.perf_counter(), 0, 0, 0.0, 0
+                if step % cfg.run.checkpoint_every_n_steps and step != num_steps:
+                    ray.train.report(last)  # visible in the dashboard's Train view
+            if step % cfg.run.checkpoint_every_n_steps == 0 or step == num_steps:
+                save_checkpoint(micro, last or {"stage": stage_name, "step": step})
+            if step >= num_steps or end_of_epoch:
+                break
+        epoch += 1
+        skip_micro = 0
+
+    if rank == 0:
+        save_adapter(model, run_dir / "adapters" / stage_name)
+        log.info("[%s] finished at step %d; adapter saved to %s", stage_name, step, run_dir / "adapters" / stage_name)
+
+
+def _adapter_subdir(adapter_name: str) -> str:
+    """PEFT saves the 'default' adapter at the top level and other named adapters in a subfolder."""
+    return "" if adapter_name == "default" else adapter_name
+
+
+# ------------------------------------------------------------------------------------------------- driver
+
+
+def init_ray(cfg: Config, temp_dir: str | None = None) -> None:
+    """Connect to the cluster when submitted with ``ray job submit`` (RAY_ADDRESS is set), otherwise start a local
+    Ray bound to 127.0.0.1 with the dashboard on loopback."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=cfg.resources.num_cpus, _node_ip_address="127.0.0.1",
+                 include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=temp_dir, runtime_env=env)
+    log.info("Ray %s: %s", ray.__version__, ray.cluster_resources())
+
+
+def fit_stage(cfg: Config, stage_name: str, run_dir: Path, model_path: str) -> dict:
+    """Prepare a stage's data and train it with a TorchTrainer; returns the stage summary."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from medvqa.data.pipeline import prepare_records, training_dataset
+
+    stage: StageConfig = getattr(cfg, stage_name)
+    manifest = prepare_records(stage.data, run_dir / "data" / stage_name, run_dir / "rejects" / stage_name,
+                               cfg.resources, cfg.run.max_reject_fraction)
+    log.info("[%s] data: %d valid, %d rejected (%s)", stage_name, manifest["valid"], manifest["rejected"],
+             manifest["reject_reasons"] or "no rejects")
+    ds = training_dataset(run_dir / "data" / stage_name, stage, model_path, cfg.resources,
+                          cfg.model.do_image_splitting, cfg.model.longest_edge, cfg.run.seed)
+    r = cfg.resources
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "stage": stage_name, "run_dir": str(run_dir),
+                           "num_records": manifest["valid"]},
+        scaling_config=ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
+                                               resources_per_worker={"CPU": r.cpus_per_worker,
+                                                                     **({"GPU": 1} if r.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=stage_name, storage_path=str((run_dir / "checkpoints").resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        datasets={"train": ds})
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    summary = {"stage": stage_name, "records": manifest["valid"], "rejected": manifest["rejected"],
+               "seconds": round(time.perf_counter() - t0, 1), "final_metrics": result.metrics,
+               "checkpoint": result.checkpoint.path if result.checkpoint else None}
+    return summary
+
+
+def run_two_stage(cfg: Config, ray_temp_dir: str | None = None) -> Path:
+    """The main job: both stages (or the enabled one), ending in a self-describing run directory."""
+    from medvqa.model import resolve_model_path
+    from medvqa.runs import append_metrics, prepare_run_dir, write_json
+
+    rd = prepare_run_dir(cfg)
+    run_dir = Path(rd.path) if hasattr(rd, "path") else Path(rd)
+    log.info("run dir: %s", run_dir)
+    model_path = resolve_model_path(cfg.model)  # builds the tiny model once, before workers race for it
+    init_ray(cfg, ray_temp_dir)
+    summaries = []
+    for stage_name, _ in cfg.stages():
+        adapter = run_dir / "adapters" / stage_name
+        if (adapter / "adapter_config.json").exists():
+            log.info("[%s] already finished (%s): skipping", stage_name, adapter)
+            continue
+        append_metrics(run_dir, {"stage": stage_name, "event": "start"})
+        summary = fit_stage(cfg, stage_name, run_dir, model_path)
+        append_metrics(run_dir, {"stage": stage_name, "event": "end", "seconds": summary["seconds"]})
+        summaries.append(summary)
+    stages_file = run_dir / "stages.json"
+    previous = json.loads(stages_file.read_text()) if stages_file.exists() else []
+    write_json(stages_file, previous + summaries)
+    log.info("done: %s", run_dir)
+    return run_dir

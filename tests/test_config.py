@@ -1,0 +1,107 @@
+"""Config: every preset loads and validates; overrides are typed; bad keys and values name the key."""
+
+import re
+
+import pytest
+import yaml
+
+from medvqa.config import (LORA_TARGET_REGEX, Config, ConfigError, dump_yaml, field_docs, from_dict, list_presets,
+                           load_config, parse_overrides)
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_loads_and_round_trips(preset):
+    cfg = load_config(preset)
+    assert cfg.stages(), preset
+    assert from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg
+
+
+def test_presets_exist():
+    assert {"tiny", "paper", "paper_single_stage", "tiny_single_stage"} <= set(list_presets())
+
+
+def test_paper_preset_is_the_study():
+    cfg = load_config("paper")
+    assert cfg.model.name_or_path == "HuggingFaceM4/idefics2-8b"
+    assert (cfg.model.quantization, cfg.model.compute_dtype, cfg.model.do_image_splitting) == ("4bit", "auto", False)
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.init) == (8, 8, 0.1, "gaussian")
+    assert cfg.lora.target_regex == LORA_TARGET_REGEX
+    s1, s2 = cfg.stage1, cfg.stage2
+    assert (s1.task, s1.lr, s1.epochs, s1.data.limit) == ("caption", 1e-5, 3, 55000)
+    assert (s2.task, s2.lr, s2.epochs, s2.prompt) == ("vqa", 1e-4, 2, "Answer briefly.")
+    for s in (s1, s2):
+        assert (s.batch_size, s.grad_accum, s.warmup_steps, s.weight_decay) == (2, 8, 50, 0.01)
+    assert cfg.run.handoff == "continue"
+
+
+def test_single_stage_baselines_share_the_stage2_budget():
+    for two, one in (("paper", "paper_single_stage"), ("tiny", "tiny_single_stage")):
+        a, b = load_config(two), load_config(one)
+        assert not b.stage1.enabled and [n for n, _ in b.stages()] == ["stage2"]
+        assert a.stage2 == b.stage2 and a.model == b.model and a.lora == b.lora
+
+
+def test_target_regex_selects_text_and_connector_never_vision():
+    pat = re.compile(LORA_TARGET_REGEX)
+    yes = ["model.text_model.layers.0.self_attn.q_proj", "model.text_model.layers.1.mlp.down_proj",
+           "model.connector.modality_projection.gate_proj",
+           "model.connector.perceiver_resampler.layers.0.self_attn.o_proj"]
+    no = ["model.vision_model.encoder.layers.0.self_attn.q_proj", "model.vision_model.encoder.layers.0.mlp.fc1",
+          "lm_head", "model.text_model.layers.0.self_attn"]
+    assert all(pat.fullmatch(n) for n in yes)
+    assert not any(pat.fullmatch(n) for n in no)
+
+
+def test_overrides_are_typed():
+    cfg = load_config("tiny", ["stage2.lr=1e-4", "lora.r=16", "stage1.enabled=false", "stage2.data.limit=10",
+                               "run.handoff=merge"])
+    assert (cfg.stage2.lr, cfg.lora.r, cfg.stage1.enabled, cfg.stage2.data.limit) == (1e-4, 16, False, 10)
+    assert cfg.run.handoff == "merge"
+    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stage2.lrr=1", "stage2.lrr"),
+    ("nope=1", "nope"),
+    ("lora.r=eight", "lora.r"),
+    ("lora.r=1.5", "lora.r"),
+    ("stage1.enabled=maybe", "stage1.enabled"),
+    ("run.handoff=fuse", "run.handoff"),
+    ("stage2.data.kind=csv", "stage2.data.kind"),
+    ("stage2.batch_size=0", "stage2.batch_size"),
+    ("lora.dropout=1.5", "lora.dropout"),
+    ("stage2.data.kind=vqa_rad", "stage2.data.path"),
+    ("stage2", "key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("tiny", [override])
+
+
+def test_nothing_to_train_is_an_error():
+    with pytest.raises(ConfigError, match="nothing to train"):
+        load_config("tiny", ["stage1.enabled=false", "stage2.enabled=false"])
+
+
+def test_unknown_preset_lists_known():
+    with pytest.raises(ConfigError, match="tiny"):
+        load_config("does-not-exist")
+
+
+def test_yaml_path_preset(tmp_path):
+    path = tmp_path / "best.yaml"
+    path.write_text(dump_yaml(load_config("tiny", ["lora.r=4"])))
+    assert load_config(str(path)).lora.r == 4
+
+
+def test_every_field_is_documented():
+    missing = [key for key, _, text in field_docs(Config()) if not text]
+    assert not missing, missing
+
+
+def test_config_module_imports_no_heavy_libraries():
+    import subprocess
+    import sys
+
+    code = "import sys, medvqa.config; print(any(m in sys.modules for m in ('torch', 'ray', 'transformers')))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
