@@ -67,7 +67,7 @@ def train_fn_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
 
     from medvqa.data.pipeline import collate
-    from medvqa.model import load_processor, save_adapter
+    from medvqa.model import load_processor, save_adapter, trainable_adapter
     from medvqa.runs import append_metrics
 
     cfg: Config = from_dict(config["cfg"])
@@ -96,10 +96,8 @@ def train_fn_per_worker(config: dict) -> None:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            adapter_name = state["adapter_name"]
-            weights = load_file(str(Path(ckpt_dir) / "adapter" / _adapter_subdir(adapter_name)
-                                    / "adapter_model.safetensors"))
-            set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
+            weights = load_file(str(Path(ckpt_dir) / "adapter" / "adapter_model.safetensors"))
+            set_peft_model_state_dict(model, weights, adapter_name=trainable_adapter(model))
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step, epoch, skip_micro = state["step"], state["epoch"], state["micro_in_epoch"]
@@ -121,12 +119,11 @@ def train_fn_per_worker(config: dict) -> None:
             if rank == 0:
                 save_adapter(model, Path(tmp) / "adapter")
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                            "epoch": epoch, "micro_in_epoch": micro_in_epoch,
-                            "adapter_name": model.active_adapter if isinstance(model.active_adapter, str)
-                            else model.active_adapter[-1]},
-                           Path(tmp) / STATE_FILE)
+                            "epoch": epoch, "micro_in_epoch": micro_in_epoch}, Path(tmp) / STATE_FILE)
                 ckpt = Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{step:06d}")
+            if rank == 0:
+                append_metrics(run_dir, {"stage": stage_name, "event": "checkpoint", "step": step})
 
     t_window, samples_window, tokens_window, loss_window, micro_window = time.perf_counter(), 0, 0, 0.0, 0
     last = {}
@@ -179,11 +176,6 @@ def train_fn_per_worker(config: dict) -> None:
     if rank == 0:
         save_adapter(model, run_dir / "adapters" / stage_name)
         log.info("[%s] finished at step %d; adapter saved to %s", stage_name, step, run_dir / "adapters" / stage_name)
-
-
-def _adapter_subdir(adapter_name: str) -> str:
-    """PEFT saves the 'default' adapter at the top level and other named adapters in a subfolder."""
-    return "" if adapter_name == "default" else adapter_name
 
 
 # ------------------------------------------------------------------------------------------------- driver

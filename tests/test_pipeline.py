@@ -53,12 +53,21 @@ def test_truncation_cuts_the_answer_never_the_prompt(processor):
     assert cut["input_ids"][:n_prompt].tolist() == full["input_ids"][:n_prompt].tolist()
 
 
+def _column_batch(rows):
+    """Rows -> the columnar batch Ray Data hands to collate: one 1-D object array per column."""
+    out = {}
+    for k in rows[0]:
+        col = np.empty(len(rows), dtype=object)
+        col[:] = [r[k] for r in rows]
+        out[k] = col
+    return out
+
+
 def test_collate_pads_with_ignore_index_and_masks(processor):
     a = encode_example(processor, _image(0), "Answer briefly.", "Is there a lesion?", "yes", 512)
     b = encode_example(processor, _image(1), "Answer briefly.", "What is the size of the lesion?",
                        "large lesion in the left lung", 512)
-    batch = {k: np.array([a[k], b[k]], dtype=object) for k in a}
-    out = collate(batch, pad_token_id=processor.tokenizer.pad_token_id)
+    out = collate(_column_batch([a, b]), pad_token_id=processor.tokenizer.pad_token_id)
     la, lb = len(a["input_ids"]), len(b["input_ids"])
     short = 0 if la < lb else 1
     n = min(la, lb)
@@ -73,7 +82,7 @@ def test_collate_pads_images_of_different_sizes():
     ex = lambda h, w: {"input_ids": np.array([1, 2]), "labels": np.array([-100, 2]),
                        "pixel_values": np.ones((1, 3, h, w), np.float32), "pixel_attention_mask": np.ones((1, h, w), bool)}
     a, b = ex(32, 64), ex(64, 48)
-    out = collate({k: np.array([a[k], b[k]], dtype=object) for k in a}, pad_token_id=0)
+    out = collate(_column_batch([a, b]), pad_token_id=0)
     assert out["pixel_values"].shape == (2, 1, 3, 64, 64)
     assert out["pixel_attention_mask"][0].sum() == 32 * 64 and out["pixel_attention_mask"][1].sum() == 64 * 48
     assert out["pixel_values"][0, 0, :, 32:].abs().sum() == 0

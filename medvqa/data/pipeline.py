@@ -30,7 +30,18 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss's ignore_index: positions that carry no loss
 _RAW_CHUNK = 64  # raw records per Ray Data block when reading from a driver-side iterator
+_ROWS_PER_FILE = 128  # prepared records per parquet file (= per preprocessing block)
 _MANIFEST_COLUMNS = ["id", "image_id", "split", "source", "answer_type", "question_type"]
+
+
+def configure_data_context() -> None:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same order every epoch and after a restart: data position is exact
+    # Our log lines carry the progress (step/total, loss, throughput); Ray Data's per-operator bars would bury them
+    # in the job log (the dashboard still shows every operator).
+    ctx.enable_progress_bars = False
 
 
 class TooManyRejects(RuntimeError):
@@ -95,7 +106,7 @@ def prepare_records(data: DataConfig, out_dir: Path, rejects_dir: Path, resource
     import ray
     from ray.data import TaskPoolStrategy
 
-    from medvqa.data.records import SCHEMA
+    from medvqa.data.records import SCHEMA, reject_summary
 
     manifest_path = out_dir / "manifest.json"
     if manifest_path.exists():
@@ -104,6 +115,7 @@ def prepare_records(data: DataConfig, out_dir: Path, rejects_dir: Path, resource
                  manifest["rejected"])
         _check_rejects(manifest, max_reject_fraction)
         return manifest
+    configure_data_context()
     for d in (out_dir, rejects_dir):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
@@ -111,7 +123,8 @@ def prepare_records(data: DataConfig, out_dir: Path, rejects_dir: Path, resource
         _validate_and_split, fn_kwargs={"rejects_dir": str(rejects_dir)}, batch_format="numpy",
         batch_size=_RAW_CHUNK, num_cpus=resources.data_cpus_per_task,
         compute=TaskPoolStrategy(size=resources.data_concurrency))
-    ds.write_parquet(str(out_dir), schema=SCHEMA)
+    # Several files, not one: each parquet file is read back as one block, and one block means one preprocessing task.
+    ds.write_parquet(str(out_dir), schema=SCHEMA, max_rows_per_file=_ROWS_PER_FILE)
 
     # Counts from a column projection of the written files (no image bytes read back).
     files = sorted(out_dir.glob("*.parquet"))
@@ -124,9 +137,7 @@ def prepare_records(data: DataConfig, out_dir: Path, rejects_dir: Path, resource
             f.write(json.dumps(r) + "\n")
     shutil.rmtree(rejects_dir)
     valid = table.num_rows if table is not None else 0
-    reasons: dict[str, int] = {}
-    for r in rejects:
-        reasons[r["reject_reason"]] = reasons.get(r["reject_reason"], 0) + 1
+    reasons = reject_summary(rejects)  # by reason prefix ('missing image'), not per file path
     manifest = {
         "source": data.kind, "path": data.path, "split": data.split, "limit": data.limit, "seed": data.seed,
         "total": valid + len(rejects), "valid": valid, "rejected": len(rejects),
@@ -226,8 +237,7 @@ def training_dataset(records_dir: Path, stage: StageConfig, model_path: str, res
     import ray
     from ray.data import TaskPoolStrategy
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # same order every epoch and after a restart: data position is exact
+    configure_data_context()
     ds = ray.data.read_parquet(str(records_dir), columns=["id", "image", "prompt", "target"])
     return ds.map_batches(
         preprocess_batch,
@@ -242,7 +252,7 @@ def collate(batch: dict[str, Any], pad_token_id: int) -> dict:
     pixel tensors zero-padded to the largest image with pixel_attention_mask marking real pixels."""
     import torch
 
-    ids = [np.asarray(x) for x in batch["input_ids"]]
+    ids = [np.asarray(x, dtype=np.int64) for x in batch["input_ids"]]
     n, length = len(ids), max(len(x) for x in ids)
     input_ids = torch.full((n, length), pad_token_id, dtype=torch.long)
     attention = torch.zeros((n, length), dtype=torch.long)
@@ -251,9 +261,9 @@ def collate(batch: dict[str, Any], pad_token_id: int) -> dict:
         input_ids[i, : len(x)] = torch.from_numpy(x)
         attention[i, : len(x)] = 1
         if "labels" in batch:
-            labels[i, : len(x)] = torch.from_numpy(np.asarray(batch["labels"][i]))
-    pixels = [np.asarray(p) for p in batch["pixel_values"]]
-    masks = [np.asarray(m) for m in batch["pixel_attention_mask"]]
+            labels[i, : len(x)] = torch.from_numpy(np.asarray(batch["labels"][i], dtype=np.int64))
+    pixels = [np.asarray(p, dtype=np.float32) for p in batch["pixel_values"]]
+    masks = [np.asarray(m, dtype=bool) for m in batch["pixel_attention_mask"]]
     n_img = max(p.shape[0] for p in pixels)
     h, w = max(p.shape[-2] for p in pixels), max(p.shape[-1] for p in pixels)
     pixel_values = torch.zeros((n, n_img, 3, h, w), dtype=torch.float32)

@@ -1,0 +1,401 @@
+"""Run identity, the run-directory layout, and the small files every run writes.
+
+A run id is ``<run.name>-<12 hex of sha256(canonical config)>``: a hash of the resolved config (seeds included),
+never a timestamp, so re-submitting the same command (after a crash, a preemption, a ``ray job stop``) finds the same
+run directory and resumes from its checkpoints.
+
+Fields left out of the hash (``ID_EXCLUDED``) are the ones that cannot change the trained weights or the scores:
+
+- ``run.output_dir``: where the run lives, not what it is; a run moved to another disk keeps its id.
+- ``run.evaluate``: whether the evaluation matrix follows training; a training run re-submitted with ``evaluate=true``
+  must find its finished adapters instead of training again.
+- ``run.log_every_n_steps``, ``run.checkpoint_every_n_steps``, ``run.max_failures``: logging, checkpoint cadence and
+  fault tolerance; resuming is exact (optimizer, scheduler and data position are checkpointed), so they only decide
+  how much work a failure costs.
+- ``model.cache_dir``: where downloads and the tiny model are cached (the tiny model is a function of
+  ``model.seed``, which is hashed).
+- ``resources.cpus_per_worker``, ``resources.data_cpus_per_task``, ``resources.data_concurrency``,
+  ``resources.num_cpus``: CPU scheduling only.
+
+Deliberately *kept* in the hash although they live under ``resources``: ``num_workers`` (the effective batch is
+``batch_size * grad_accum * num_workers`` and each worker sees a different shard) and ``use_gpu`` (bf16 compute on CUDA,
+fp32 on CPU). Changing either is a different experiment, and a checkpoint's step count would not line up.
+
+Caveat: adding a field to ``Config`` changes every run id (the canonical dict gains a key); old run directories stay
+readable (``from_dict`` fills defaults) but a re-submission starts a new run.
+
+Layout (``RunDir``)::
+
+    <output_dir>/<run_id>/
+      config.yaml          resolved config (re-written on resume; only hashed fields must match)
+      environment.json     python, platform, package versions, code version (git / source hash), CUDA if known
+      metrics.jsonl        one JSON object per line, each with a wall-clock ``time`` (seconds since the epoch)
+      manifest.json        run-level manifest (stage data manifests live in data/<stage>/manifest.json)
+      stages.json          per-stage summaries written by the training driver
+      data/<stage>/        prepared, validated records (parquet) + manifest.json
+      rejects/<stage>/     rejected records (part-*.jsonl, no image bytes)
+      checkpoints/<stage>/ Ray Train storage of the stage (step_* checkpoints)
+      adapters/<stage>/    the finished stage's LoRA adapter
+      predictions/         evaluation predictions (parquet)
+      report/              tables and plots
+      ray/                 other Ray Train / Tune storage (e.g. sweeps)
+
+This module imports neither torch nor ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from medvqa.config import Config, ConfigError, dump_yaml, from_dict, to_dict
+
+log = logging.getLogger(__name__)
+
+ID_EXCLUDED: tuple[str, ...] = (
+    "run.output_dir",
+    "run.evaluate",
+    "run.log_every_n_steps",
+    "run.checkpoint_every_n_steps",
+    "run.max_failures",
+    "model.cache_dir",
+    "resources.cpus_per_worker",
+    "resources.data_cpus_per_task",
+    "resources.data_concurrency",
+    "resources.num_cpus",
+)
+"""Dotted config keys that do not enter the run id (see the module docstring for why)."""
+
+PACKAGES = ("ray", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "pyarrow", "optuna",
+            "pandas", "numpy")
+"""Distributions whose versions go into environment.json (read from metadata, never imported)."""
+
+_HASH_CHARS = 12
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+# ------------------------------------------------------------------------------------------------------ identity
+
+
+def _without(data: dict, keys: tuple[str, ...]) -> dict:
+    data = json.loads(json.dumps(data))  # deep copy
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return data
+
+
+def canonical_config(cfg: Config) -> dict:
+    """The part of the resolved config that defines the run: ``to_dict(cfg)`` without ``ID_EXCLUDED``."""
+    return _without(to_dict(cfg), ID_EXCLUDED)
+
+
+def config_hash(cfg: Config) -> str:
+    text = json.dumps(canonical_config(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:_HASH_CHARS]
+
+
+def run_id(cfg: Config) -> str:
+    """``<run.name>-<hash>``, deterministic from the config and its seeds (no timestamps)."""
+    return f"{cfg.run.name}-{config_hash(cfg)}"
+
+
+# ------------------------------------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of one run directory. ``os.fspath(rd)``, ``Path(rd)`` and ``rd / "x"`` work on ``rd.path``."""
+
+    path: Path
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, other: Union[str, os.PathLike]) -> Path:
+        return self.path / other
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def manifest(self) -> Path:
+        return self.path / "manifest.json"
+
+    @property
+    def environment(self) -> Path:
+        return self.path / "environment.json"
+
+    @property
+    def stages_summary(self) -> Path:
+        return self.path / "stages.json"
+
+    @property
+    def predictions(self) -> Path:
+        return self.path / "predictions"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report"
+
+    @property
+    def ray(self) -> Path:
+        """Ray Train / Tune storage that is not a stage's checkpoints (e.g. sweeps)."""
+        return self.path / "ray"
+
+    def checkpoints(self, stage: str | None = None) -> Path:
+        """``checkpoints/`` (Ray Train ``storage_path``) or ``checkpoints/<stage>/`` (its run ``name``)."""
+        return self.path / "checkpoints" / stage if stage else self.path / "checkpoints"
+
+    def adapters(self, stage: str) -> Path:
+        return self.path / "adapters" / stage
+
+    adapter = adapters  # singular alias
+
+    def data(self, stage: str) -> Path:
+        return self.path / "data" / stage
+
+    def rejects(self, stage: str) -> Path:
+        """A folder of ``part-*.jsonl`` files (one per validation batch, so a retried Ray task overwrites its own)."""
+        return self.path / "rejects" / stage
+
+    def subdirs(self) -> list[Path]:
+        return [self.path / d for d in ("checkpoints", "adapters", "data", "rejects", "predictions", "report", "ray")]
+
+
+def run_dir_for(cfg: Config) -> RunDir:
+    """Where ``cfg``'s run lives (nothing is created). A relative ``run.output_dir`` is relative to the cwd."""
+    return RunDir(Path(cfg.run.output_dir).expanduser().resolve() / run_id(cfg))
+
+
+def _warn_if_ephemeral(path: Path) -> None:
+    # Under `ray job submit --working-dir`, the driver's cwd is Ray's unpacked copy of the working dir inside the Ray
+    # temp dir (…/runtime_resources/working_dir_files/_ray_pkg_<hash>/): a relative output_dir lands there and is
+    # deleted with the session.
+    if "runtime_resources" in path.parts or "working_dir_files" in path.parts:
+        log.warning("run dir %s is inside Ray's runtime-env working dir and will be deleted with the Ray session; "
+                    "set run.output_dir to an absolute path on persistent storage", path)
+
+
+def prepare_run_dir(cfg: Config) -> RunDir:
+    """Create (or reopen, to resume) the run directory of ``cfg``; write config.yaml and environment.json.
+
+    Refuses (``ConfigError``) when the directory already holds a config.yaml whose hashed part differs from ``cfg``
+    (only possible if someone edited it). Non-hashed fields (output_dir, logging, cadence, CPU resources) may differ
+    on resume; config.yaml is then rewritten with the current values.
+    """
+    rd = run_dir_for(cfg)
+    _warn_if_ephemeral(rd.path)
+    rd.path.mkdir(parents=True, exist_ok=True)
+    for d in rd.subdirs():
+        d.mkdir(exist_ok=True)
+
+    if rd.config.exists():
+        try:
+            old = yaml.safe_load(rd.config.read_text()) or {}
+            old_canonical = _without(to_dict(from_dict(old)), ID_EXCLUDED)
+        except (yaml.YAMLError, ConfigError, TypeError) as e:
+            raise ConfigError(f"{rd.config} exists but cannot be read as a config ({e}); move the run directory "
+                              f"away or restore its config.yaml") from e
+        new_canonical = canonical_config(cfg)
+        if old_canonical != new_canonical:
+            diff = sorted(_diff_keys(old_canonical, new_canonical))
+            raise ConfigError(f"{rd.config} differs from this run's config in {', '.join(diff)} although the run id "
+                              f"{rd.name} is the same (was config.yaml edited?). Move {rd.path} away or restore "
+                              f"its config.yaml.")
+        log.info("resuming run %s", rd.path)
+    _write_text_atomic(rd.config, dump_yaml(cfg))
+    _write_environment(rd)
+    return rd
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+# -------------------------------------------------------------------------------------------------- environment
+
+
+def _git(*args: str) -> str | None:
+    try:
+        # --no-optional-locks: `git status` must not rewrite the index (another process may hold the lock).
+        out = subprocess.run(["git", "--no-optional-locks", *args], cwd=_PACKAGE_DIR, capture_output=True, text=True,
+                             timeout=15)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_info() -> dict:
+    """Commit and dirty flag of the git checkout holding this package; ``None`` values outside a checkout (e.g. a
+    ``ray job submit --working-dir`` copy, which excludes .git)."""
+    commit = _git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None}
+    status = _git("status", "--porcelain")
+    return {"commit": commit.strip(), "dirty": None if status is None else bool(status.strip())}
+
+
+def source_hash() -> str:
+    """sha256 of the package's source files (``medvqa/**/*.py`` and presets): identifies the code even where git is
+    not available, e.g. in a Ray working_dir upload."""
+    h = hashlib.sha256()
+    for f in sorted(_PACKAGE_DIR.rglob("*")):
+        if f.suffix in (".py", ".yaml") and "__pycache__" not in f.parts:
+            h.update(f.relative_to(_PACKAGE_DIR).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def package_versions() -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def environment() -> dict:
+    """What produced the numbers: interpreter, platform, package versions, code version, CUDA (only when torch is
+    already imported; this never imports torch)."""
+    env: dict[str, Any] = {
+        "time": time.time(),
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "packages": package_versions(),
+        "git": git_info(),
+        "source_sha256": source_hash(),
+        "argv": list(sys.argv),
+        "ray_job_submission_id": os.environ.get("RAY_JOB_SUBMISSION_ID"),
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "cuda"):
+        env["cuda"] = {"available": torch.cuda.is_available(), "version": torch.version.cuda,
+                       "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+    else:
+        env["cuda"] = None  # not checked: torch was not imported by this process
+    return env
+
+
+_VOLATILE = ("time", "argv", "hostname", "ray_job_submission_id", "previous")
+
+
+def _write_environment(rd: RunDir) -> None:
+    """Write environment.json; when resuming under a different environment (code, packages, machine), keep the
+    earlier ones under ``previous`` so every number can be traced to the code that produced it."""
+    env = environment()
+    if rd.environment.exists():
+        try:
+            old = read_json(rd.environment)
+        except (OSError, ValueError):
+            old = {}
+        previous = old.pop("previous", [])
+        if _without(old, _VOLATILE) != _without(env, _VOLATILE) and old:
+            previous.append(old)
+        if previous:
+            env["previous"] = previous
+    write_json(rd.environment, env)
+
+
+# ------------------------------------------------------------------------------------------------------- files
+
+
+def _as_path(run_dir: Union[RunDir, str, os.PathLike]) -> Path:
+    return run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir)
+
+
+def append_metrics(run_dir: Union[RunDir, str, os.PathLike], record: dict) -> None:
+    """Append one JSON line to ``metrics.jsonl`` with a wall-clock ``time`` (unless the record has one).
+
+    One ``write`` on an ``O_APPEND`` descriptor, so lines from the driver and a Train worker do not interleave."""
+    path = _as_path(run_dir) / "metrics.jsonl"
+    line = json.dumps({**record, "time": record.get("time", time.time())}, default=str) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)  # unbuffered: the line is in the file once write returns
+
+
+def read_metrics(run_dir: Union[RunDir, str, os.PathLike]) -> list[dict]:
+    """All records of ``metrics.jsonl`` in order ([] when there is none). A torn last line (a crash mid-write) is
+    skipped with a warning."""
+    path = _as_path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s:%d: skipping a line that is not JSON", path, n)
+    return records
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Union[str, os.PathLike], obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (temp file in the same folder + rename): a reader never sees half a file."""
+    _write_text_atomic(Path(path), json.dumps(obj, indent=2, default=str) + "\n")
+
+
+_MISSING = object()
+
+
+def read_json(path: Union[str, os.PathLike], default: Any = _MISSING) -> Any:
+    """Parsed JSON at ``path``; ``default`` (if given) when the file does not exist."""
+    path = Path(path)
+    if default is not _MISSING and not path.exists():
+        return default
+    return json.loads(path.read_text())
