@@ -1,10 +1,12 @@
 """Ray Data preprocessing throughput vs a per-sample collator (the study's way), same records, same processor.
 
-    python bench/data_throughput.py [--records 512]
+    python bench/data_throughput.py [--records 512] [--longest-edge 980] [--source vqa_rad|phantom]
 
 Per-sample collator: one process decodes each image and runs the processor sample by sample inside the training
 loop (the HF fine-tuning recipe the study used). Ray Data: the same work in parallel streaming tasks
-(``training_dataset``), consumed as micro-batches. Target: >= 2x.
+(``training_dataset``), consumed as micro-batches. Both at Idefics2-8B's image resolution (longest edge 980 px) on
+real VQA-RAD images when ../shared is present (phantoms otherwise), two passes each (a pass = an epoch). Target:
+>= 2x.
 """
 
 from __future__ import annotations
@@ -15,49 +17,61 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import phantom_examples, start_ray
+import pyarrow.parquet as pq
+from common import ROOT, start_ray
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--longest-edge", type=int, default=980, help="Idefics2-8B resizes to 980 px")
+    ap.add_argument("--source", choices=["vqa_rad", "phantom"], default="vqa_rad")
+    ap.add_argument("--passes", type=int, default=2)
     args = ap.parse_args()
 
     from medvqa.config import load_config
-    from medvqa.data.pipeline import cached_processor, collate, decode_image, encode_example, prepare_records, \
-        training_dataset
+    from medvqa.data.pipeline import (cached_processor, collate, decode_image, encode_example, prepare_records,
+                                      training_dataset)
     from medvqa.model import resolve_model_path
 
-    cfg = load_config("tiny", [f"stage2.data.num_records={args.records}"])
+    shared = ROOT.parent / "shared" / "data" / "vqa_rad"
+    source = args.source if shared.exists() else "phantom"
+    data = ([f"stage2.data.kind=vqa_rad", f"stage2.data.path={shared}", f"stage2.data.limit={args.records}"]
+            if source == "vqa_rad" else [f"stage2.data.num_records={args.records}"])
+    cfg = load_config("tiny", data + [f"model.longest_edge={args.longest_edge}"])
     stage = cfg.stage2
     model_path = resolve_model_path(cfg.model)
-    processor = cached_processor(model_path, False, None)
+    processor = cached_processor(model_path, False, args.longest_edge)
     pad = processor.tokenizer.pad_token_id
-    examples = phantom_examples(args.records)
-
-    # Per-sample collator in the training process.
-    t0 = time.perf_counter()
-    for i in range(0, len(examples), args.batch_size):
-        rows = [encode_example(processor, decode_image(r["image"]), stage.prompt, r["prompt"], r["target"],
-                               stage.max_length) for r in examples[i: i + args.batch_size]]
-        collate({k: [r[k] for r in rows] for k in rows[0]}, pad)
-    per_sample = len(examples) / (time.perf_counter() - t0)
 
     start_ray()
     work = Path(tempfile.mkdtemp())
     try:
-        prepare_records(stage.data, work / "data", work / "rejects", cfg.resources, 0.0)
-        ds = training_dataset(work / "data", stage, model_path, cfg.resources)
+        prepare_records(stage.data, work / "data", work / "rejects", cfg.resources, 1.0)
+        examples = [r for f in sorted((work / "data").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+        # Per-sample collator in the training process.
+        t0 = time.perf_counter()
+        for _ in range(args.passes):
+            for i in range(0, len(examples), args.batch_size):
+                rows = [encode_example(processor, decode_image(r["image"]), stage.prompt, r["prompt"], r["target"],
+                                       stage.max_length) for r in examples[i: i + args.batch_size]]
+                collate({k: [r[k] for r in rows] for k in rows[0]}, pad)
+        per_sample = args.passes * len(examples) / (time.perf_counter() - t0)
+
+        ds = training_dataset(work / "data", stage, model_path, cfg.resources, longest_edge=args.longest_edge)
         n = 0
         t0 = time.perf_counter()
-        for batch in ds.iter_torch_batches(batch_size=args.batch_size, collate_fn=lambda b: collate(b, pad)):
-            n += batch["input_ids"].shape[0]
+        for _ in range(args.passes):
+            for batch in ds.iter_torch_batches(batch_size=args.batch_size, collate_fn=lambda b: collate(b, pad)):
+                n += batch["input_ids"].shape[0]
         ray_data = n / (time.perf_counter() - t0)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"records: {args.records}  batch: {args.batch_size}  data tasks: {cfg.resources.data_concurrency} x "
+    print(f"source: {source}  records: {len(examples)}  longest edge: {args.longest_edge}px  passes: {args.passes}  "
+          f"batch: {args.batch_size}  data tasks: {cfg.resources.data_concurrency} x "
           f"{cfg.resources.data_cpus_per_task} CPU")
     print(f"per-sample collator : {per_sample:8.1f} samples/s")
     print(f"Ray Data streaming  : {ray_data:8.1f} samples/s")

@@ -50,7 +50,8 @@ class ModelConfig:
     do_image_splitting: bool = doc(False, "Idefics2 image splitting into 4 crops + global (study: off).")
     longest_edge: Optional[int] = doc(None, "Resize images so the longest edge is this many pixels; None keeps the "
                                             "processor's default (980 for Idefics2-8B, 64 for tiny).")
-    cache_dir: str = doc("~/.cache/medvqa", "Where the tiny model and HF downloads are cached.")
+    cache_dir: str = doc("~/.cache/medvqa", "Where the tiny model is built and cached (hub downloads use the "
+                                                 "standard Hugging Face cache, HF_HOME).")
     seed: int = doc(0, "Seed for building the tiny model (same seed -> same weights).")
 
 

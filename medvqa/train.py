@@ -131,7 +131,8 @@ def train_fn_per_worker(config: dict) -> None:
         micro = 0
         optimizer.zero_grad(set_to_none=True)
         for batch in shard.iter_torch_batches(batch_size=stage.batch_size,
-                                              collate_fn=lambda b: collate(b, pad_id), device="cpu"):
+                                              collate_fn=lambda b: collate(b, pad_id), device="cpu",
+                                              prefetch_batches=4):
             micro += 1
             if micro <= skip_micro:  # data position from the checkpoint: skip what was trained on
                 continue
@@ -164,8 +165,9 @@ def train_fn_per_worker(config: dict) -> None:
                              step, num_steps, 100 * step / num_steps, last["loss"], last["lr"],
                              last["samples_per_s"], last["tokens_per_s"])
                 t_window, samples_window, tokens_window, loss_window, micro_window = time.perf_counter(), 0, 0, 0.0, 0
-                if step % cfg.run.checkpoint_every_n_steps and step != num_steps:
-                    ray.train.report(last)  # visible in the dashboard's Train view
+            # ray.train.report blocks until the Train controller polls the worker (every 2 s by default), so metrics
+            # go to Ray (the dashboard's Train view) only with checkpoints; every logged step goes to the job log and
+            # metrics.jsonl.
             if step % cfg.run.checkpoint_every_n_steps == 0 or step == num_steps:
                 save_checkpoint(micro, last or {"stage": stage_name, "step": step})
             if step >= num_steps or end_of_epoch:

@@ -12,6 +12,7 @@ Two passes, both streaming (no step ever holds the whole data set):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -103,7 +104,6 @@ def prepare_records(data: DataConfig, out_dir: Path, rejects_dir: Path, resource
     ``out_dir`` (its manifest.json is written last)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import ray
     from ray.data import TaskPoolStrategy
 
     from medvqa.data.records import SCHEMA, reject_summary
@@ -178,14 +178,17 @@ def _check_rejects(manifest: dict, max_fraction: float) -> None:
 
 @functools.lru_cache(maxsize=4)
 def cached_processor(model_path: str, do_image_splitting: bool, longest_edge: int | None):
-    """One processor per Ray worker process (tasks reuse their process), not one per batch."""
+    """One processor per Ray worker process (tasks reuse their process), not one per batch. Image splitting and the
+    longest edge are set on the image processor object: set per call, ``do_image_splitting`` splits images without
+    expanding the <image> tokens and the forward pass fails (GUIDE §5)."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_path)
-    # Set on the image processor object: per call it splits images without expanding <image> tokens (GUIDE §5).
     processor.image_processor.do_image_splitting = do_image_splitting
     if longest_edge:
-        processor.image_processor.size = {**processor.image_processor.size, "longest_edge": longest_edge}
+        size = processor.image_processor.size  # a SizeDict dataclass in transformers 5, a dict before
+        processor.image_processor.size = (dataclasses.replace(size, longest_edge=longest_edge)
+                                          if dataclasses.is_dataclass(size) else {**size, "longest_edge": longest_edge})
     return processor
 
 

@@ -1,0 +1,140 @@
+"""Integration on a local Ray: a tiny two-stage run learns, trains only LoRA, checkpoints, and resumes after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from medvqa.config import load_config
+from medvqa.runs import read_metrics, run_id
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small but learnable: the phantom answers depend on the image, the tiny model is random.
+FAST = ["stage1.data.num_records=48", "stage1.epochs=2", "stage2.data.num_records=96", "stage2.epochs=3",
+        "run.checkpoint_every_n_steps=8", "run.log_every_n_steps=2", "resources.num_cpus=2"]
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    import ray
+
+    # A short temp dir: Ray's unix sockets live under it and socket paths are limited to ~107 characters.
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(ray_local, tmp_path_factory):
+    from medvqa.train import run_two_stage
+
+    cfg = load_config("tiny", FAST + [f"run.output_dir={tmp_path_factory.mktemp('runs')}"])
+    return cfg, run_two_stage(cfg)
+
+
+def _adapter_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_run_dir_is_self_describing(two_stage_run):
+    cfg, run_dir = two_stage_run
+    assert run_dir.name == run_id(cfg)
+    for name in ("config.yaml", "environment.json", "metrics.jsonl", "stages.json"):
+        assert (run_dir / name).exists(), name
+    for stage in ("stage1", "stage2"):
+        manifest = json.loads((run_dir / "data" / stage / "manifest.json").read_text())
+        assert manifest["valid"] > 0 and manifest["rejected"] == 0
+        assert (run_dir / "adapters" / stage / "adapter_config.json").exists()
+        ckpts = sorted((run_dir / "checkpoints" / stage).glob("step_*"))
+        assert ckpts and (ckpts[-1] / "train_state.pt").exists() and (ckpts[-1] / "adapter").is_dir()
+
+
+def test_loss_falls_in_both_stages(two_stage_run):
+    _, run_dir = two_stage_run
+    for stage in ("stage1", "stage2"):
+        losses = [m["loss"] for m in read_metrics(run_dir) if m.get("stage") == stage and "loss" in m]
+        assert len(losses) >= 3, stage
+        first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+        assert last < 0.8 * first, (stage, losses)
+
+
+def test_only_lora_parameters_are_trained_and_they_change(two_stage_run):
+    _, run_dir = two_stage_run
+    s1 = _adapter_weights(run_dir / "adapters" / "stage1")
+    s2 = _adapter_weights(run_dir / "adapters" / "stage2")
+    assert s1 and all("lora_" in k for k in s1), "adapters must hold LoRA weights only (base stays frozen)"
+    assert not any("vision_model" in k for k in s1)
+    # LoRA B starts at zero: non-zero means stage 1 trained; 'continue' hand-off: stage 2 kept training the same keys
+    assert any(v.abs().sum() > 0 for k, v in s1.items() if "lora_B" in k)
+    assert s1.keys() == s2.keys()
+    assert any(not (s1[k] == s2[k]).all() for k in s1)
+
+
+def test_adapters_load_with_plain_peft(two_stage_run):
+    from peft import PeftModel
+    from transformers import Idefics2ForConditionalGeneration
+
+    from medvqa.model import resolve_model_path
+
+    cfg, run_dir = two_stage_run
+    base = Idefics2ForConditionalGeneration.from_pretrained(resolve_model_path(cfg.model))
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapters" / "stage2"))
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+
+
+def test_rerun_skips_finished_stages(two_stage_run):
+    from medvqa.train import run_two_stage
+
+    cfg, run_dir = two_stage_run
+    before = len(read_metrics(run_dir))
+    assert run_two_stage(cfg) == run_dir
+    assert len(read_metrics(run_dir)) == before  # nothing retrained
+
+
+def test_killed_job_resumes_from_its_checkpoint(tmp_path):
+    """Kill the whole job (SIGKILL to its process group) after a stage-2 checkpoint; the same command resumes."""
+    args = [sys.executable, str(ROOT / "jobs" / "two_stage.py"), "--preset", "tiny_single_stage",
+            f"run.output_dir={tmp_path}", "stage2.data.num_records=64", "stage2.epochs=4",
+            "run.checkpoint_every_n_steps=4", "run.log_every_n_steps=1", "resources.num_cpus=2"]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp")}
+    env.pop("RAY_ADDRESS", None)
+    cfg = load_config("tiny_single_stage", args[4:])
+    metrics = tmp_path / run_id(cfg) / "metrics.jsonl"
+
+    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    killed_after = None
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists():
+            ckpts = [m["step"] for m in map(json.loads, metrics.read_text().splitlines())
+                     if m.get("event") == "checkpoint"]
+            if ckpts:
+                killed_after = max(ckpts)
+                break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert killed_after is not None, "no checkpoint before the deadline: " + proc.stdout.read().decode()[-3000:]
+    total = json.loads(metrics.read_text().splitlines()[-1]).get("total_steps")
+
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    events = [json.loads(line) for line in metrics.read_text().splitlines()]
+    resumed = [e for e in events if e.get("event") == "resumed"]
+    assert resumed and resumed[0]["step"] >= killed_after
+    after = events[events.index(resumed[0]):]
+    steps = [e["step"] for e in after if "loss" in e]
+    assert steps and min(steps) > resumed[0]["step"], "resumed run must not restart from step 0"
+    assert max(steps) == (total or max(steps))
+    assert (tmp_path / run_id(cfg) / "adapters" / "stage2" / "adapter_config.json").exists()
