@@ -31,19 +31,20 @@ def main() -> None:
     args = ap.parse_args()
 
     from medvqa.config import load_config
-    from medvqa.data.pipeline import (cached_processor, collate, decode_image, encode_example, prepare_records,
+    from medvqa.data.pipeline import (cached_processor, collate_fn_for, decode_image, prepare_records,
                                       training_dataset)
+    from medvqa.prompts import prompt_text
     from medvqa.model import resolve_model_path
 
     shared = ROOT.parent / "shared" / "data" / "vqa_rad"
     source = args.source if shared.exists() else "phantom"
-    data = ([f"stage2.data.kind=vqa_rad", f"stage2.data.path={shared}", f"stage2.data.limit={args.records}"]
+    data = (["stage2.data.kind=vqa_rad", f"stage2.data.path={shared}", f"stage2.data.limit={args.records}"]
             if source == "vqa_rad" else [f"stage2.data.num_records={args.records}"])
     cfg = load_config("tiny", data + [f"model.longest_edge={args.longest_edge}"])
     stage = cfg.stage2
     model_path = resolve_model_path(cfg.model)
     processor = cached_processor(model_path, False, args.longest_edge)
-    pad = processor.tokenizer.pad_token_id
+    collate = collate_fn_for(processor)
 
     start_ray()
     work = Path(tempfile.mkdtemp())
@@ -51,20 +52,24 @@ def main() -> None:
         prepare_records(stage.data, work / "data", work / "rejects", cfg.resources, 1.0)
         examples = [r for f in sorted((work / "data").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
 
-        # Per-sample collator in the training process.
+        # The study's collator (HF Idefics2 fine-tuning recipe), in the training process: decode, chat template and
+        # processor call per micro-batch, labels from input_ids.
         t0 = time.perf_counter()
         for _ in range(args.passes):
             for i in range(0, len(examples), args.batch_size):
-                rows = [encode_example(processor, decode_image(r["image"]), stage.prompt, r["prompt"], r["target"],
-                                       stage.max_length) for r in examples[i: i + args.batch_size]]
-                collate({k: [r[k] for r in rows] for k in rows[0]}, pad)
+                rows = examples[i: i + args.batch_size]
+                texts = [prompt_text(processor, stage.prompt, r["prompt"]) + " " + r["target"] + "<end_of_utterance>"
+                         for r in rows]
+                enc = processor(text=texts, images=[[decode_image(r["image"])] for r in rows], return_tensors="pt",
+                                padding=True)
+                enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         per_sample = args.passes * len(examples) / (time.perf_counter() - t0)
 
         ds = training_dataset(work / "data", stage, model_path, cfg.resources, longest_edge=args.longest_edge)
         n = 0
         t0 = time.perf_counter()
         for _ in range(args.passes):
-            for batch in ds.iter_torch_batches(batch_size=args.batch_size, collate_fn=lambda b: collate(b, pad)):
+            for batch in ds.iter_torch_batches(batch_size=args.batch_size, collate_fn=collate):
                 n += batch["input_ids"].shape[0]
         ray_data = n / (time.perf_counter() - t0)
     finally:

@@ -23,12 +23,12 @@ def one(records: int) -> dict:
 
     from common import TreeMemory, start_ray
     from medvqa.config import load_config
-    from medvqa.data.pipeline import cached_processor, collate, prepare_records, training_dataset
+    from medvqa.data.pipeline import cached_processor, collate_fn_for, prepare_records, training_dataset
     from medvqa.model import resolve_model_path
 
     cfg = load_config("tiny", [f"stage2.data.num_records={records}"])
     model_path = resolve_model_path(cfg.model)
-    pad = cached_processor(model_path, False, None).tokenizer.pad_token_id
+    processor = cached_processor(model_path, False, None)
     start_ray()
     work = Path(tempfile.mkdtemp())
     t0 = time.perf_counter()
@@ -36,7 +36,7 @@ def one(records: int) -> dict:
         prepare_records(cfg.stage2.data, work / "data", work / "rejects", cfg.resources, 0.0)
         ds = training_dataset(work / "data", cfg.stage2, model_path, cfg.resources)
         n = sum(b["input_ids"].shape[0] for b in ds.iter_torch_batches(batch_size=4,
-                                                                          collate_fn=lambda b: collate(b, pad)))
+                                                                          collate_fn=collate_fn_for(processor)))
     shutil.rmtree(work, ignore_errors=True)
     return {"records": records, "streamed": n, "peak_pss_mib": mem.peak / 2**20,
             "seconds": time.perf_counter() - t0}

@@ -23,7 +23,7 @@ from common import phantom_examples, start_ray
 def plain_loop(cfg, model_path: str, examples: list[dict]) -> tuple[float, float]:
     import torch
 
-    from medvqa.data.pipeline import cached_processor, collate, decode_image, encode_example
+    from medvqa.data.pipeline import cached_processor, collate_fn_for, decode_image, encode_example
     from medvqa.train import _build_scheduler, build_model_for_stage, total_steps
 
     stage = cfg.stage2
@@ -31,7 +31,7 @@ def plain_loop(cfg, model_path: str, examples: list[dict]) -> tuple[float, float
     torch.manual_seed(cfg.run.seed)
     model = build_model_for_stage(cfg, "stage2", Path("unused"), use_gpu=False)
     processor = cached_processor(model_path, False, None)
-    pad = processor.tokenizer.pad_token_id
+    collate = collate_fn_for(processor)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=stage.weight_decay)
     n_steps = total_steps(len(examples), 1, stage)
@@ -43,7 +43,7 @@ def plain_loop(cfg, model_path: str, examples: list[dict]) -> tuple[float, float
         for i in range(0, len(examples), stage.batch_size):
             rows = [encode_example(processor, decode_image(r["image"]), stage.prompt, r["prompt"], r["target"],
                                    stage.max_length) for r in examples[i: i + stage.batch_size]]
-            batch = collate({k: [r[k] for r in rows] for k in rows[0]}, pad)
+            batch = collate({k: [r[k] for r in rows] for k in rows[0]})
             (model(**batch).loss / stage.grad_accum).backward()
             if (i // stage.batch_size + 1) % stage.grad_accum:
                 continue

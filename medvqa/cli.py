@@ -77,6 +77,28 @@ def presets() -> None:
         typer.echo(f"{name:22s} {first}")
 
 
+@app.command()
+def score(path: str = typer.Argument(..., help="Predictions: JSON / JSON lines / CSV / parquet."),
+          compare: Optional[str] = typer.Option(None, help="A second model's predictions: paired tests (B vs A)."),
+          map: Optional[List[str]] = typer.Option(None, "--map", help="Column mapping CANON=COL, e.g. "
+                                                  "true_answer=gold (repeatable)."),
+          n_boot: int = typer.Option(1000, help="Bootstrap resamples for the 95% CIs."),
+          seed: int = typer.Option(0, help="Bootstrap seed."),
+          extract: bool = typer.Option(False, help="Apply the answer extraction to raw generations first."),
+          as_json: bool = typer.Option(False, "--json", help="Print one machine-readable JSON object.")) -> None:
+    """Score a prediction file with the study's metrics and the standard ones, with confidence intervals."""
+    from medvqa.score import PredictionsError, compare_files, format_report, score_file
+
+    columns = dict(kv.split("=", 1) for kv in map or []) or None
+    kw = dict(columns=columns, n_boot=n_boot, seed=seed, extract=extract)
+    try:
+        result = compare_files(path, compare, **kw) if compare else score_file(path, **kw)
+    except (PredictionsError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(json.dumps(result, indent=2) if as_json else format_report(result))
+
+
 @data_app.command("inspect")
 def data_inspect(overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides"),
                  preset: str = typer.Option("tiny"), stage: str = typer.Option("stage2"),

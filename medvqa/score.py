@@ -1,18 +1,16 @@
 """Score prediction files: load (JSON / JSON lines / CSV / parquet), score, compare two models, print a report.
 
-    python -m medvqa.score preds.parquet                    # report table
-    python -m medvqa.score preds.json --json                # one JSON object
-    python -m medvqa.score base.json --compare two_stage.json
+    medvqa score preds.parquet                              # report table
+    medvqa score preds.json --json                          # one JSON object
+    medvqa score base.json --compare two_stage.json         # paired tests
 
 Light and pure like ``medvqa.metrics``: no torch, no ray.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -21,7 +19,7 @@ import pandas as pd
 
 from medvqa.metrics import BINARY_METRICS, METRICS, aggregate, mcnemar, paired_bootstrap, score_rows
 
-__all__ = ["CANONICAL", "ALIASES", "load_predictions", "score_file", "compare_files", "format_report", "main"]
+__all__ = ["CANONICAL", "ALIASES", "load_predictions", "score_file", "compare_files", "format_report"]
 
 #: canonical columns: the first three are required
 CANONICAL = ("question", "true_answer", "predicted_answer", "answer_type", "question_type")
@@ -258,25 +256,3 @@ def _compare_report(res: Mapping[str, Any]) -> str:
 def format_report(result: Mapping[str, Any]) -> str:
     """A plain-text table for ``score_file`` (metrics, CIs, breakdowns) or ``compare_files`` (paired tests) output."""
     return _compare_report(result) if "tests" in result else _score_report(result)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m medvqa.score", description=__doc__.splitlines()[0])
-    p.add_argument("path")
-    p.add_argument("--compare", metavar="PATH_B", help="pair with a second model's predictions (B vs A)")
-    p.add_argument("--map", action="append", default=[], metavar="CANON=COL",
-                   help="column mapping, e.g. --map true_answer=gold (repeatable)")
-    p.add_argument("--n-boot", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--extract", action="store_true", help="apply extract_answer to raw generations first")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    args = p.parse_args(argv)
-    columns = dict(kv.split("=", 1) for kv in args.map) or None
-    kw = dict(columns=columns, n_boot=args.n_boot, seed=args.seed, extract=args.extract)
-    res = compare_files(args.path, args.compare, **kw) if args.compare else score_file(args.path, **kw)
-    print(json.dumps(res, indent=2) if args.json else format_report(res))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -66,7 +66,7 @@ def train_fn_per_worker(config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from medvqa.data.pipeline import collate
+    from medvqa.data.pipeline import collate_fn_for
     from medvqa.model import load_processor, save_adapter, trainable_adapter
     from medvqa.runs import append_metrics
 
@@ -82,7 +82,7 @@ def train_fn_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.run.seed)  # same LoRA init on every rank (DDP also broadcasts rank 0's at wrap time)
     model = build_model_for_stage(cfg, stage_name, run_dir, use_gpu)
     processor = load_processor(cfg.model)
-    pad_id = processor.tokenizer.pad_token_id
+    collate_fn = collate_fn_for(processor)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=stage.weight_decay)
     num_steps = total_steps(config["num_records"], world, stage)
@@ -131,7 +131,7 @@ def train_fn_per_worker(config: dict) -> None:
         micro = 0
         optimizer.zero_grad(set_to_none=True)
         for batch in shard.iter_torch_batches(batch_size=stage.batch_size,
-                                              collate_fn=lambda b: collate(b, pad_id), device="cpu",
+                                              collate_fn=collate_fn, device="cpu",
                                               prefetch_batches=4):
             micro += 1
             if micro <= skip_micro:  # data position from the checkpoint: skip what was trained on
@@ -257,5 +257,8 @@ def run_two_stage(cfg: Config, ray_temp_dir: str | None = None) -> Path:
     stages_file = run_dir / "stages.json"
     previous = json.loads(stages_file.read_text()) if stages_file.exists() else []
     write_json(stages_file, previous + summaries)
+    # One data manifest for the run: per stage, what was read, kept and rejected (and where the rejects are).
+    write_json(run_dir / "manifest.json", {name: json.loads((run_dir / "data" / name / "manifest.json").read_text())
+                                           for name, _ in cfg.stages()})
     log.info("done: %s", run_dir)
     return run_dir

@@ -403,10 +403,26 @@ def test_compare_files(tmp_path):
         compare_files(a, short, columns={"question": "q", "true_answer": "gold", "predicted_answer": "model_out"})
 
 
-def test_cli_json(tmp_path, capsys):
-    from medvqa.score import main
+def test_cli_json(tmp_path):
+    from typer.testing import CliRunner
+
+    from medvqa.cli import app
 
     path = _write(_frame(), tmp_path / "p.csv")
-    assert main([str(path), "--json", "--n-boot", "50", "--map", "true_answer=gold", "--map",
-                 "predicted_answer=model_out"]) == 0
-    assert json.loads(capsys.readouterr().out)["n"] == 4
+    out = CliRunner().invoke(app, ["score", str(path), "--json", "--n-boot", "50", "--map", "true_answer=gold",
+                                   "--map", "predicted_answer=model_out"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.output)
+    assert result["n"] == 4
+    for key in ("paper_contains_em", "paper_f1", "paper_bleu1", "closed_accuracy", "open_recall", "normalized_em",
+                "normalized_f1"):
+        assert 0 <= result[key] <= 1 and key in result["ci"]
+
+
+def test_cli_names_missing_columns(tmp_path):
+    from typer.testing import CliRunner
+
+    from medvqa.cli import app
+
+    out = CliRunner().invoke(app, ["score", str(_write(_frame(), tmp_path / "p.csv"))])
+    assert out.exit_code == 2 and "missing column" in out.output and "predicted_answer" in out.output

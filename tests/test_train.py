@@ -50,10 +50,11 @@ def _adapter_weights(path: Path) -> dict:
 def test_run_dir_is_self_describing(two_stage_run):
     cfg, run_dir = two_stage_run
     assert run_dir.name == run_id(cfg)
-    for name in ("config.yaml", "environment.json", "metrics.jsonl", "stages.json"):
+    for name in ("config.yaml", "environment.json", "metrics.jsonl", "stages.json", "manifest.json"):
         assert (run_dir / name).exists(), name
+    manifests = json.loads((run_dir / "manifest.json").read_text())
     for stage in ("stage1", "stage2"):
-        manifest = json.loads((run_dir / "data" / stage / "manifest.json").read_text())
+        manifest = manifests[stage]
         assert manifest["valid"] > 0 and manifest["rejected"] == 0
         assert (run_dir / "adapters" / stage / "adapter_config.json").exists()
         ckpts = sorted((run_dir / "checkpoints" / stage).glob("step_*"))
