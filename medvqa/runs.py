@@ -12,8 +12,8 @@ Fields left out of the hash (``ID_EXCLUDED``) are the ones that cannot change th
 - ``run.log_every_n_steps``, ``run.checkpoint_every_n_steps``, ``run.max_failures``: logging, checkpoint cadence and
   fault tolerance; resuming is exact (optimizer, scheduler and data position are checkpointed), so they only decide
   how much work a failure costs.
-- ``model.cache_dir``: where downloads and the tiny model are cached (the tiny model is a function of
-  ``model.seed``, which is hashed).
+- ``model.cache_dir``: where the tiny model is built and cached (the tiny model is a function of ``model.seed``,
+  which is hashed).
 - ``resources.cpus_per_worker``, ``resources.data_cpus_per_task``, ``resources.data_concurrency``,
   ``resources.num_cpus``: CPU scheduling only.
 
@@ -26,7 +26,7 @@ readable (``from_dict`` fills defaults) but a re-submission starts a new run.
 
 Layout (``RunDir``)::
 
-    <output_dir>/<run_id>/
+    <output_dir>/<run_id>/    (a relative output_dir is taken relative to $MEDVQA_RUNS_BASE when set, else the cwd)
       config.yaml          resolved config (re-written on resume; only hashed fields must match)
       environment.json     python, platform, package versions, code version (git / source hash), CUDA if known
       metrics.jsonl        one JSON object per line, each with a wall-clock ``time`` (seconds since the epoch)
@@ -57,7 +57,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
@@ -131,7 +131,7 @@ class RunDir:
     def __str__(self) -> str:
         return str(self.path)
 
-    def __truediv__(self, other: Union[str, os.PathLike]) -> Path:
+    def __truediv__(self, other: str | os.PathLike) -> Path:
         return self.path / other
 
     @property
@@ -191,9 +191,19 @@ class RunDir:
         return [self.path / d for d in ("checkpoints", "adapters", "data", "rejects", "predictions", "report", "ray")]
 
 
+RUNS_BASE_ENV = "MEDVQA_RUNS_BASE"
+"""Base folder for a relative ``run.output_dir`` (default: the current directory). cluster/start_local.sh sets it to
+the checkout, so a job submitted with ``--working-dir .`` writes ``runs/`` into the checkout rather than into Ray's
+temporary copy of it; on a real cluster set it (runtime_env env_vars) to shared persistent storage."""
+
+
 def run_dir_for(cfg: Config) -> RunDir:
-    """Where ``cfg``'s run lives (nothing is created). A relative ``run.output_dir`` is relative to the cwd."""
-    return RunDir(Path(cfg.run.output_dir).expanduser().resolve() / run_id(cfg))
+    """Where ``cfg``'s run lives (nothing is created). A relative ``run.output_dir`` is taken relative to
+    ``$MEDVQA_RUNS_BASE`` when set, else to the current directory."""
+    out = Path(cfg.run.output_dir).expanduser()
+    if not out.is_absolute() and os.environ.get(RUNS_BASE_ENV):
+        out = Path(os.environ[RUNS_BASE_ENV]).expanduser() / out
+    return RunDir(out.resolve() / run_id(cfg))
 
 
 def _warn_if_ephemeral(path: Path) -> None:
@@ -202,7 +212,7 @@ def _warn_if_ephemeral(path: Path) -> None:
     # deleted with the session.
     if "runtime_resources" in path.parts or "working_dir_files" in path.parts:
         log.warning("run dir %s is inside Ray's runtime-env working dir and will be deleted with the Ray session; "
-                    "set run.output_dir to an absolute path on persistent storage", path)
+                    "set run.output_dir to an absolute path on persistent storage (or %s)", path, RUNS_BASE_ENV)
 
 
 def prepare_run_dir(cfg: Config) -> RunDir:
@@ -253,7 +263,7 @@ def _git(*args: str) -> str | None:
     try:
         # --no-optional-locks: `git status` must not rewrite the index (another process may hold the lock).
         out = subprocess.run(["git", "--no-optional-locks", *args], cwd=_PACKAGE_DIR, capture_output=True, text=True,
-                             timeout=15)
+                             timeout=15, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout if out.returncode == 0 else None
@@ -262,6 +272,11 @@ def _git(*args: str) -> str | None:
 def git_info() -> dict:
     """Commit and dirty flag of the git checkout holding this package; ``None`` values outside a checkout (e.g. a
     ``ray job submit --working-dir`` copy, which excludes .git)."""
+    top = _git("rev-parse", "--show-toplevel")
+    # The package must sit at the top of that checkout: a copy of it nested in some other repository (e.g. Ray's
+    # working_dir copy inside a temp dir under the checkout) would otherwise report that repository's commit.
+    if top is None or Path(top.strip()).resolve() != _PACKAGE_DIR.parent:
+        return {"commit": None, "dirty": None}
     commit = _git("rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None}
@@ -302,7 +317,7 @@ def environment() -> dict:
         "git": git_info(),
         "source_sha256": source_hash(),
         "argv": list(sys.argv),
-        "ray_job_submission_id": os.environ.get("RAY_JOB_SUBMISSION_ID"),
+        "ray_job_submission_id": _ray_job_submission_id(),
     }
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "cuda"):
@@ -313,13 +328,24 @@ def environment() -> dict:
     return env
 
 
-_VOLATILE = ("time", "argv", "hostname", "ray_job_submission_id", "previous")
+def _ray_job_submission_id() -> str | None:
+    """The ``ray job submit`` id (``raysubmit_…``) when this process is a submitted job's driver: Ray passes it in the
+    job config's metadata (``RAY_JOB_CONFIG_JSON_ENV_VAR``); there is no plain env var for it."""
+    try:
+        meta = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata") or {}
+    except (ValueError, AttributeError):
+        return None
+    return meta.get("job_submission_id")
+
+
+_VOLATILE = ("time", "argv", "hostname", "ray_job_submission_id", "run_dir", "previous")
 
 
 def _write_environment(rd: RunDir) -> None:
     """Write environment.json; when resuming under a different environment (code, packages, machine), keep the
     earlier ones under ``previous`` so every number can be traced to the code that produced it."""
     env = environment()
+    env["run_dir"] = str(rd.path)
     if rd.environment.exists():
         try:
             old = read_json(rd.environment)
@@ -336,11 +362,11 @@ def _write_environment(rd: RunDir) -> None:
 # ------------------------------------------------------------------------------------------------------- files
 
 
-def _as_path(run_dir: Union[RunDir, str, os.PathLike]) -> Path:
+def _as_path(run_dir: RunDir | str | os.PathLike) -> Path:
     return run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir)
 
 
-def append_metrics(run_dir: Union[RunDir, str, os.PathLike], record: dict) -> None:
+def append_metrics(run_dir: RunDir | str | os.PathLike, record: dict) -> None:
     """Append one JSON line to ``metrics.jsonl`` with a wall-clock ``time`` (unless the record has one).
 
     One ``write`` on an ``O_APPEND`` descriptor, so lines from the driver and a Train worker do not interleave."""
@@ -353,7 +379,7 @@ def append_metrics(run_dir: Union[RunDir, str, os.PathLike], record: dict) -> No
         os.close(fd)  # unbuffered: the line is in the file once write returns
 
 
-def read_metrics(run_dir: Union[RunDir, str, os.PathLike]) -> list[dict]:
+def read_metrics(run_dir: RunDir | str | os.PathLike) -> list[dict]:
     """All records of ``metrics.jsonl`` in order ([] when there is none). A torn last line (a crash mid-write) is
     skipped with a warning."""
     path = _as_path(run_dir) / "metrics.jsonl"
@@ -385,7 +411,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_json(path: Union[str, os.PathLike], obj: Any) -> None:
+def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as JSON atomically (temp file in the same folder + rename): a reader never sees half a file."""
     _write_text_atomic(Path(path), json.dumps(obj, indent=2, default=str) + "\n")
 
@@ -393,7 +419,7 @@ def write_json(path: Union[str, os.PathLike], obj: Any) -> None:
 _MISSING = object()
 
 
-def read_json(path: Union[str, os.PathLike], default: Any = _MISSING) -> Any:
+def read_json(path: str | os.PathLike, default: Any = _MISSING) -> Any:
     """Parsed JSON at ``path``; ``default`` (if given) when the file does not exist."""
     path = Path(path)
     if default is not _MISSING and not path.exists():

@@ -106,7 +106,8 @@ def train_fn_per_worker(config: dict) -> None:
                      epoch, skip_micro)
             append_metrics(run_dir, {"stage": stage_name, "event": "resumed", "step": step})
 
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False if not use_gpu else True,
+    # The model is already on its device (load_model's device_map places 4-bit weights; .to() must not move them).
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False,
                                               parallel_strategy="ddp" if world > 1 else None)
     autocast_dtype = torch.bfloat16 if use_gpu else None  # bf16 autocast on GPU; CPU trains in fp32
     shard = ray.train.get_dataset_shard("train")
@@ -172,6 +173,9 @@ def train_fn_per_worker(config: dict) -> None:
                 save_checkpoint(micro, last or {"stage": stage_name, "step": step})
             if step >= num_steps or end_of_epoch:
                 break
+        if micro <= skip_micro:
+            raise RuntimeError(f"[{stage_name}] worker {rank} got no data in epoch {epoch} (shard of "
+                               f"{config['num_records']} records over {world} workers)")
         epoch += 1
         skip_micro = 0
 
@@ -190,10 +194,12 @@ def init_ray(cfg: Config, temp_dir: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env, log_to_driver=True)
+        # Submitted job: the job's runtime env (cluster/runtime_env.yaml) applies; passing env vars here as well
+        # fails the job when both define one ("Failed to merge the Job's runtime env").
+        ray.init(log_to_driver=True)
     else:
+        env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}}
         ray.init(address="local", num_cpus=cfg.resources.num_cpus, _node_ip_address="127.0.0.1",
                  include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=temp_dir, runtime_env=env)
     log.info("Ray %s: %s", ray.__version__, ray.cluster_resources())

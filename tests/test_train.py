@@ -106,7 +106,7 @@ def test_rerun_skips_finished_stages(two_stage_run):
 def test_killed_job_resumes_from_its_checkpoint(tmp_path):
     """Kill the whole job (SIGKILL to its process group) after a stage-2 checkpoint; the same command resumes."""
     args = [sys.executable, str(ROOT / "jobs" / "two_stage.py"), "--preset", "tiny_single_stage",
-            f"run.output_dir={tmp_path}", "stage2.data.num_records=64", "stage2.epochs=4",
+            f"run.output_dir={tmp_path}", "stage2.data.num_records=64", "stage2.epochs=8",  # 128 steps
             "run.checkpoint_every_n_steps=4", "run.log_every_n_steps=1", "resources.num_cpus=2"]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp")}
     env.pop("RAY_ADDRESS", None)
@@ -114,26 +114,26 @@ def test_killed_job_resumes_from_its_checkpoint(tmp_path):
     metrics = tmp_path / run_id(cfg) / "metrics.jsonl"
 
     proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Kill once Ray Train has registered a checkpoint (it then writes this snapshot), mid-stage.
+    snapshot = metrics.parent / "checkpoints" / "stage2" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 240
-    killed_after = None
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists():
-            ckpts = [m["step"] for m in map(json.loads, metrics.read_text().splitlines())
-                     if m.get("event") == "checkpoint"]
-            if ckpts:
-                killed_after = max(ckpts)
-                break
-        time.sleep(0.5)
+    while time.time() < deadline and proc.poll() is None and not snapshot.exists():
+        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert killed_after is not None, "no checkpoint before the deadline: " + proc.stdout.read().decode()[-3000:]
+    assert snapshot.exists(), "no checkpoint before the deadline: " + proc.stdout.read().decode()[-3000:]
+    steps_before_kill = [json.loads(line).get("step", 0) for line in metrics.read_text().splitlines()]
+    assert max(steps_before_kill) < 128, "the stage finished before the kill; make it longer"
     total = json.loads(metrics.read_text().splitlines()[-1]).get("total_steps")
 
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     events = [json.loads(line) for line in metrics.read_text().splitlines()]
     resumed = [e for e in events if e.get("event") == "resumed"]
-    assert resumed and resumed[0]["step"] >= killed_after
+    # Ray registers a reported checkpoint when its controller next polls the worker, so the kill may land between
+    # our "checkpoint" line and that registration: the run resumes from a checkpoint it logged, never from step 0.
+    logged = {e["step"] for e in events if e.get("event") == "checkpoint"}
+    assert resumed and resumed[0]["step"] in logged and resumed[0]["step"] > 0
     after = events[events.index(resumed[0]):]
     steps = [e["step"] for e in after if "loss" in e]
     assert steps and min(steps) > resumed[0]["step"], "resumed run must not restart from step 0"
