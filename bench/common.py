@@ -11,11 +11,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_ray(num_cpus: int = 2) -> None:
+def start_ray(num_cpus: int = 2, object_store_mb: int | None = None) -> None:
     import ray
 
     ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}, log_to_driver=False)
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}, log_to_driver=False,
+             object_store_memory=object_store_mb * 2**20 if object_store_mb else None)
 
 
 def phantom_examples(n: int, task: str = "vqa", seed: int = 1) -> list[dict]:
@@ -31,23 +32,25 @@ class TreeMemory:
     which include the Ray workers and the object store, sampled every ``interval`` seconds."""
 
     def __init__(self, interval: float = 0.25):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.interval, self.peak, self.peak_processes, self._stop = interval, 0, 0, threading.Event()
 
-    def _sample(self) -> int:
+    def _sample(self) -> tuple[int, int]:
         import psutil
 
         me = psutil.Process(os.getpid())
-        total = 0
-        for p in [me, *me.children(recursive=True)]:
+        total, processes = 0, [me, *me.children(recursive=True)]
+        for p in processes:
             try:
                 total += p.memory_full_info().pss
             except (psutil.Error, AttributeError):
                 pass
-        return total
+        return total, len(processes)
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
+            total, n = self._sample()
+            if total > self.peak:
+                self.peak, self.peak_processes = total, n
             time.sleep(self.interval)
 
     def __enter__(self):

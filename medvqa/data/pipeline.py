@@ -36,10 +36,13 @@ _ROWS_PER_BLOCK = 32  # records per preprocessing task: small enough to spread o
 _MANIFEST_COLUMNS = ["id", "image_id", "split", "source", "answer_type", "question_type"]
 
 
-def configure_data_context() -> None:
+def configure_data_context(resources: ResourcesConfig) -> None:
     import ray
 
     ctx = ray.data.DataContext.get_current()
+    if resources.data_buffer_mb:
+        ctx.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
+            object_store_memory=resources.data_buffer_mb * 2**20)
     ctx.execution_options.preserve_order = True  # same order every epoch and after a restart: data position is exact
     # Our log lines carry the progress (step/total, loss, throughput); Ray Data's per-operator bars would bury them
     # in the job log (the dashboard still shows every operator).
@@ -116,7 +119,7 @@ def prepare_records(data: DataConfig, out_dir: Path, rejects_dir: Path, resource
                  manifest["rejected"])
         _check_rejects(manifest, max_reject_fraction)
         return manifest
-    configure_data_context()
+    configure_data_context(resources)
     for d in (out_dir, rejects_dir):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
@@ -233,7 +236,30 @@ def preprocess_batch(batch: dict, model_path: str, instruction: str, max_length:
     processor = cached_processor(model_path, do_image_splitting, longest_edge)
     rows = [encode_example(processor, decode_image(img), instruction, str(q or ""), str(t), max_length)
             for img, q, t in zip(batch["image"], batch["prompt"], batch["target"])]
-    return {"id": list(batch["id"]), **{k: [r[k] for r in rows] for k in rows[0]}}
+    return to_arrow(rows, ids=list(batch["id"]))
+
+
+def to_arrow(rows: list[dict], ids: list):
+    """Encoded examples as an Arrow table of plain columns: token ids as list<int32>, pixels and masks as raw bytes
+    with their shape. Ray's tensor extension types for ragged arrays cost milliseconds per row to build and read
+    back; bytes move through the object store and come back with ``np.frombuffer`` without a copy."""
+    import pyarrow as pa
+
+    table = {"id": pa.array([str(i) for i in ids])}
+    for key in ("input_ids", "labels"):
+        if key in rows[0]:
+            table[key] = pa.array([r[key].astype(np.int32) for r in rows], type=pa.list_(pa.int32()))
+    for key in ("pixel_values", "pixel_attention_mask"):
+        table[key] = pa.array([np.ascontiguousarray(r[key]).tobytes() for r in rows], type=pa.binary())
+        table[key + "_shape"] = pa.array([list(r[key].shape) for r in rows], type=pa.list_(pa.int32()))
+    return pa.table(table)
+
+
+def _unpack(batch: dict, key: str, dtype) -> list:
+    """Pixel arrays from ``to_arrow``'s bytes + shape columns (or arrays as they are, e.g. built in a test)."""
+    if key + "_shape" not in batch:
+        return [np.asarray(x, dtype=dtype) for x in batch[key]]
+    return [np.frombuffer(b, dtype=dtype).reshape(tuple(shape)) for b, shape in zip(batch[key], batch[key + "_shape"])]
 
 
 def training_dataset(records_dir: Path, stage: StageConfig, model_path: str, resources: ResourcesConfig,
@@ -242,7 +268,7 @@ def training_dataset(records_dir: Path, stage: StageConfig, model_path: str, res
     import ray
     from ray.data import TaskPoolStrategy
 
-    configure_data_context()
+    configure_data_context(resources)
     ds = ray.data.read_parquet(str(records_dir), columns=["id", "image", "prompt", "target"])
     # The reader bundles small files into one block, and one block is one preprocessing task: re-block (streaming)
     # so the tasks run in parallel.
@@ -251,7 +277,7 @@ def training_dataset(records_dir: Path, stage: StageConfig, model_path: str, res
         preprocess_batch,
         fn_kwargs={"model_path": model_path, "instruction": stage.prompt, "max_length": stage.max_length,
                    "do_image_splitting": do_image_splitting, "longest_edge": longest_edge},
-        batch_format="numpy", batch_size=16, num_cpus=resources.data_cpus_per_task,
+        batch_format="numpy", batch_size=16, num_cpus=resources.data_cpus_per_task, zero_copy_batch=True,
         compute=TaskPoolStrategy(size=resources.data_concurrency))
 
 
@@ -279,8 +305,8 @@ def collate(batch: dict[str, Any], pad_token_id: int, image_mean=None, image_std
         attention[i, : len(x)] = 1
         if "labels" in batch:
             labels[i, : len(x)] = torch.from_numpy(np.asarray(batch["labels"][i], dtype=np.int64))
-    pixels = [np.asarray(p, dtype=np.float32) for p in batch["pixel_values"]]
-    masks = [np.asarray(m, dtype=bool) for m in batch["pixel_attention_mask"]]
+    pixels = [p.astype(np.float32) for p in _unpack(batch, "pixel_values", np.uint8)]
+    masks = _unpack(batch, "pixel_attention_mask", bool)
     n_img = max(p.shape[0] for p in pixels)
     h, w = max(p.shape[-2] for p in pixels), max(p.shape[-1] for p in pixels)
     pixel_values = torch.zeros((n, n_img, 3, h, w), dtype=torch.float32)
