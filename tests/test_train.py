@@ -139,3 +139,38 @@ def test_killed_job_resumes_from_its_checkpoint(tmp_path):
     assert steps and min(steps) > resumed[0]["step"], "resumed run must not restart from step 0"
     assert max(steps) == (total or max(steps))
     assert (tmp_path / run_id(cfg) / "adapters" / "stage2" / "adapter_config.json").exists()
+
+
+def _roco_folder(root: Path, n_ok: int, n_missing: int, n_corrupt: int) -> Path:
+    """ROCO's original layout with some images present, some missing and some corrupt."""
+    from data_fixtures import image_bytes
+
+    rad = root / "train" / "radiology"
+    (rad / "images").mkdir(parents=True)
+    lines = []
+    for i in range(n_ok + n_missing + n_corrupt):
+        name = f"ROCO_{i:05d}"
+        lines.append(f"{name}\t Axial CT of the chest number {i}.")
+        if i < n_ok:
+            (rad / "images" / f"{name}.jpg").write_bytes(image_bytes(seed=i))
+        elif i < n_ok + n_corrupt:
+            (rad / "images" / f"{name}.jpg").write_bytes(b"not a jpeg")
+    (rad / "captions.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_rejects_are_written_counted_and_stop_the_run(ray_local, tmp_path):
+    from medvqa.config import DataConfig, ResourcesConfig
+    from medvqa.data.pipeline import TooManyRejects, prepare_records
+
+    folder = _roco_folder(tmp_path / "roco", n_ok=20, n_missing=2, n_corrupt=1)
+    data = DataConfig(kind="roco", path=str(folder), split="train", task="caption")
+    manifest = prepare_records(data, tmp_path / "d1", tmp_path / "r1", ResourcesConfig(), max_reject_fraction=0.5)
+    assert (manifest["total"], manifest["valid"], manifest["rejected"]) == (23, 20, 3)
+    assert manifest["reject_reasons"] == {"missing image": 2, "corrupt image": 1}
+    rejects = [json.loads(line) for line in Path(manifest["rejects_file"]).read_text().splitlines()]
+    assert len(rejects) == 3 and all(r["reject_reason"] and "image" not in r for r in rejects)
+
+    with pytest.raises(TooManyRejects, match=r"3 of 23 records .*max_reject_fraction"):
+        prepare_records(data, tmp_path / "d2", tmp_path / "r2", ResourcesConfig(), max_reject_fraction=0.05)
+    assert (tmp_path / "r2.jsonl").exists()  # the evidence is kept even when the run stops
