@@ -174,3 +174,15 @@ def test_rejects_are_written_counted_and_stop_the_run(ray_local, tmp_path):
     with pytest.raises(TooManyRejects, match=r"3 of 23 records .*max_reject_fraction"):
         prepare_records(data, tmp_path / "d2", tmp_path / "r2", ResourcesConfig(), max_reject_fraction=0.05)
     assert (tmp_path / "r2.jsonl").exists()  # the evidence is kept even when the run stops
+
+
+def test_two_ddp_workers_share_the_data(ray_local, tmp_path):
+    """Two Train workers (DDP over gloo on CPU), each on an equal shard: half the steps of one worker."""
+    from medvqa.train import run_two_stage, total_steps
+
+    cfg = load_config("tiny_single_stage", [f"run.output_dir={tmp_path}", "resources.num_workers=2",
+                                            "stage2.data.num_records=32", "stage2.epochs=1", "run.log_every_n_steps=1"])
+    run_dir = run_two_stage(cfg)
+    steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
+    assert max(steps) == total_steps(32, 2, cfg.stage2) == total_steps(32, 1, cfg.stage2) // 2
+    assert (run_dir / "adapters" / "stage2" / "adapter_model.safetensors").exists()
