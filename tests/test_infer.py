@@ -1,0 +1,185 @@
+"""Batch prediction: left padding, batch-invariant greedy answers, new tokens only, base and adapter models through
+one function, and Predictor actors on a local Ray giving the in-process answers."""
+
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+
+from medvqa.config import load_config, to_dict
+from medvqa.data.phantoms import phantom_records
+from medvqa.data.pipeline import collate_fn_for, decode_image, encode_example
+from medvqa.data.records import validate_record
+from medvqa.infer import Predictor, generate_answers, left_pad_collate, predict_dataset
+from medvqa.metrics import extract_answer
+
+INSTRUCTION = "Answer briefly."
+# Three prompts of clearly different lengths (the phantom questions are all about the same length).
+QUESTIONS = ("Is this an X-ray?",
+             "Is there a lesion in the left lung of this patient, seen on the axial image?",
+             "Which side of the brain shows the large mass on this contrast enhanced MRI scan of the head?")
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_model_dir):
+    return load_config("tiny", [f"model.name_or_path={tiny_model_dir}"])
+
+
+@pytest.fixture(scope="module")
+def processor(cfg):
+    from medvqa.model import load_processor
+
+    return load_processor(cfg.model)
+
+
+@pytest.fixture(scope="module")
+def base_model(cfg):
+    from medvqa.model import load_inference_model
+
+    return load_inference_model(cfg)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    recs = phantom_records("vqa", len(QUESTIONS), seed=3, split="test")
+    return [{"id": r["id"], "image": r["image"], "prompt": q} for r, q in zip(recs, QUESTIONS)]
+
+
+def _encode(processor, rows):
+    return [encode_example(processor, decode_image(r["image"]), INSTRUCTION, r["prompt"], None, 512) for r in rows]
+
+
+# ------------------------------------------------------------------------------------------------- unit
+
+
+def test_left_pad_collate_pads_left_and_normalises_like_training(processor, rows):
+    encoded = _encode(processor, rows)
+    lengths = [len(e["input_ids"]) for e in encoded]
+    assert len(set(lengths)) == 3  # the check below is only meaningful with different lengths
+    batch = left_pad_collate(encoded, processor)
+    right = collate_fn_for(processor)({k: [e[k] for e in encoded] for k in encoded[0]})
+    pad, width = processor.tokenizer.pad_token_id, max(lengths)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, width)
+    for i, (e, n) in enumerate(zip(encoded, lengths)):
+        assert batch["input_ids"][i, width - n:].tolist() == e["input_ids"].tolist()  # tokens at the right end
+        assert (batch["input_ids"][i, : width - n] == pad).all()
+        assert batch["attention_mask"][i, : width - n].sum() == 0 and (batch["attention_mask"][i, width - n:] == 1).all()
+    assert (batch["attention_mask"].sum(1) == right["attention_mask"].sum(1)).all()
+    torch.testing.assert_close(batch["pixel_values"], right["pixel_values"], rtol=0, atol=0)
+    assert torch.equal(batch["pixel_attention_mask"], right["pixel_attention_mask"])
+    assert batch["pixel_values"].dtype == torch.float32 and batch["pixel_values"].min() < 0  # normalised, not 0..255
+
+
+def test_batched_greedy_answers_equal_one_at_a_time(base_model, processor, rows):
+    batched = generate_answers(base_model, processor, rows, INSTRUCTION, max_new_tokens=12)
+    alone = [generate_answers(base_model, processor, [r], INSTRUCTION, max_new_tokens=12)[0] for r in rows]
+    assert batched == alone
+    assert all(len(p["raw"]) > 0 for p in batched)  # a random tiny model rambles: a strong check, not empty strings
+    # Not vacuous: RIGHT padding (the training collate) changes the shorter prompts' continuations.
+    encoded = _encode(processor, rows)
+    right = collate_fn_for(processor)({k: [e[k] for e in encoded] for k in encoded[0]})
+    with torch.inference_mode():
+        out = base_model.generate(**right, do_sample=False, max_new_tokens=12,
+                                  pad_token_id=processor.tokenizer.pad_token_id)
+    raws = processor.tokenizer.batch_decode(out[:, right["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert raws != [p["raw"] for p in alone]
+
+
+def test_only_new_tokens_are_decoded(base_model, processor, rows):
+    (pred,) = generate_answers(base_model, processor, rows[:1], INSTRUCTION, max_new_tokens=8)
+    batch = left_pad_collate(_encode(processor, rows[:1]), processor)
+    with torch.inference_mode():
+        full = base_model.generate(**batch, do_sample=False, max_new_tokens=8,
+                                   pad_token_id=processor.tokenizer.pad_token_id)
+    full_text = processor.tokenizer.decode(full[0], skip_special_tokens=True)
+    assert "User:" in full_text and QUESTIONS[0] in full_text  # the prompt is there in the full sequence ...
+    assert "User:" not in pred["raw"] and QUESTIONS[0] not in pred["raw"] and INSTRUCTION not in pred["raw"]
+    assert pred["raw"] == processor.tokenizer.decode(full[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert pred["answer"] == extract_answer(pred["raw"])
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(cfg, processor, tmp_path_factory):
+    """A LoRA trained for a few steps on phantom answers and saved like a run's adapters/stage2."""
+    from medvqa.model import load_model, save_adapter
+
+    torch.manual_seed(0)
+    model = load_model(cfg)
+    recs = phantom_records("vqa", 8, seed=1)
+    encoded = [encode_example(processor, decode_image(r["image"]), INSTRUCTION, r["prompt"], r["target"], 160)
+               for r in recs]
+    batch = collate_fn_for(processor)({k: [e[k] for e in encoded] for k in encoded[0]})
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    return save_adapter(model, tmp_path_factory.mktemp("adapters") / "stage2")
+
+
+def test_base_and_adapter_models_run_through_the_same_function(cfg, base_model, processor, rows, trained_adapter):
+    from medvqa.model import load_inference_model
+
+    tuned = load_inference_model(cfg, {"stage2": str(trained_adapter)})
+    assert not tuned.training
+    base_preds = generate_answers(base_model, processor, rows, INSTRUCTION)
+    tuned_preds = generate_answers(tuned, processor, rows, INSTRUCTION)
+    assert len(base_preds) == len(tuned_preds) == len(rows)
+    assert all(set(p) == {"raw", "answer"} for p in base_preds + tuned_preds)
+    assert [p["raw"] for p in base_preds] != [p["raw"] for p in tuned_preds]  # the adapter is in effect
+    # batch-invariant with adapters too
+    assert tuned_preds == [generate_answers(tuned, processor, [r], INSTRUCTION)[0] for r in rows]
+
+
+def test_predictor_call_passes_columns_through(cfg, rows):
+    predictor = Predictor(to_dict(cfg), adapters=[], instruction=INSTRUCTION, max_new_tokens=8)
+    batch = {"id": np.array([r["id"] for r in rows], dtype=object),
+             "image": np.array([r["image"] for r in rows], dtype=object),
+             "prompt": np.array([r["prompt"] for r in rows], dtype=object),
+             "target": np.array(["yes", "no", "left"], dtype=object)}
+    out = predictor(batch)
+    assert set(out) == {"id", "prompt", "target", "raw_prediction", "predicted_answer"}
+    assert list(out["id"]) == list(batch["id"]) and list(out["target"]) == ["yes", "no", "left"]
+    expected = generate_answers(predictor.model, predictor.processor, rows, INSTRUCTION, max_new_tokens=8)
+    assert list(out["raw_prediction"]) == [p["raw"] for p in expected]
+    assert list(out["predicted_answer"]) == [p["answer"] for p in expected]
+
+
+# ------------------------------------------------------------------------------------------------- integration
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    # A short temp dir: Ray's unix sockets live under it and socket paths are limited to ~107 characters.
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.integration
+def test_predictor_actors_on_ray_match_in_process(ray_local, cfg, base_model, processor):
+    import ray
+
+    records = [validate_record(r) for r in phantom_records("vqa", 16, seed=2, split="test")]
+    assert not any(r["reject_reason"] for r in records)
+    ds = ray.data.from_items(records, override_num_blocks=4)  # several blocks: both actors get work
+    preds = predict_dataset(ds, cfg, adapters={}, instruction=INSTRUCTION, max_new_tokens=8, concurrency=2,
+                            cpus_per_actor=0.25, batch_size=4).take_all()
+
+    assert len(preds) == 16
+    by_id = {p["id"]: p for p in preds}
+    assert sorted(by_id) == sorted(r["id"] for r in records)  # ids preserved, one prediction per row
+    assert "image" not in preds[0] and {"prompt", "target", "raw_prediction", "predicted_answer"} <= set(preds[0])
+    expected = generate_answers(base_model, processor, records, INSTRUCTION, max_new_tokens=8)
+    for record, exp in zip(records, expected):
+        got = by_id[record["id"]]
+        assert (got["raw_prediction"], got["predicted_answer"]) == (exp["raw"], exp["answer"]), record["id"]
+        assert got["target"] == record["target"] and got["prompt"] == record["prompt"]
