@@ -159,9 +159,12 @@ def _roco_folder(root: Path, n_ok: int, n_missing: int, n_corrupt: int) -> Path:
     return root
 
 
-def test_rejects_are_written_counted_and_stop_the_run(ray_local, tmp_path):
+def test_rejects_are_written_counted_and_stop_the_run(ray_local, tmp_path, monkeypatch):
     from medvqa.config import DataConfig, ResourcesConfig
+    from medvqa.data import pipeline
     from medvqa.data.pipeline import TooManyRejects, prepare_records
+
+    monkeypatch.setattr(pipeline, "_DRIVER_CHUNK", 8)  # the driver hands the source to Ray Data in 3 chunks
 
     folder = _roco_folder(tmp_path / "roco", n_ok=20, n_missing=2, n_corrupt=1)
     data = DataConfig(kind="roco", path=str(folder), split="train", task="caption")
@@ -170,6 +173,10 @@ def test_rejects_are_written_counted_and_stop_the_run(ray_local, tmp_path):
     assert manifest["reject_reasons"] == {"missing image": 2, "corrupt image": 1}
     rejects = [json.loads(line) for line in Path(manifest["rejects_file"]).read_text().splitlines()]
     assert len(rejects) == 3 and all(r["reject_reason"] and "image" not in r for r in rejects)
+    import pyarrow.parquet as pq
+
+    ids = [i for f in (tmp_path / "d1").glob("*.parquet") for i in pq.read_table(f, columns=["id"])["id"].to_pylist()]
+    assert sorted(ids) == sorted({*ids}) and len(ids) == 20  # every valid record once, across chunks
 
     with pytest.raises(TooManyRejects, match=r"3 of 23 records .*max_reject_fraction"):
         prepare_records(data, tmp_path / "d2", tmp_path / "r2", ResourcesConfig(), max_reject_fraction=0.05)

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss's ignore_index: positions that carry no loss
 _RAW_CHUNK = 64  # raw records per Ray Data block when reading from a driver-side iterator
+_DRIVER_CHUNK = 4096  # raw records the driver reads from an adapter before handing them to Ray Data
 _ROWS_PER_FILE = 1024  # prepared records per parquet file
 _ROWS_PER_BLOCK = 32  # records per preprocessing task: small enough to spread over the tasks, large enough to amortise
 _MANIFEST_COLUMNS = ["id", "image_id", "split", "source", "answer_type", "question_type"]
@@ -63,25 +64,33 @@ def _phantom_batch(batch: dict, task: str, seed: int, split: str) -> dict:
     return {k: [r.get(k) for r in rows] for k in rows[0]}
 
 
-def raw_dataset(data: DataConfig, parallelism: int = 8):
-    """A Ray Dataset of raw (unvalidated) records. Phantoms are generated inside tasks from their index; other
-    sources are read by their adapter as cheap pointer records (paths, not pixels) and decoded by the tasks."""
+def raw_datasets(data: DataConfig, parallelism: int = 8):
+    """Ray Datasets of raw (unvalidated) records, one after another. Phantoms are generated inside tasks from their
+    index (one dataset). Other sources are read by their adapter in the driver, ``_DRIVER_CHUNK`` records at a time:
+    folder layouts yield cheap pointer records (paths, decoded by the tasks), HF sources yield image bytes, so the
+    driver holds at most one chunk of them, never the whole set."""
+    import itertools
+
     import ray
 
     if data.kind == "phantom":
         n = data.limit if data.limit is not None else data.num_records
-        return ray.data.range(n, override_num_blocks=max(1, min(parallelism, n // _RAW_CHUNK or 1))).map_batches(
+        yield ray.data.range(n, override_num_blocks=max(1, min(parallelism, n // _RAW_CHUNK or 1))).map_batches(
             _phantom_batch, fn_kwargs={"task": data.task, "seed": data.seed, "split": data.split},
             batch_format="numpy", batch_size=_RAW_CHUNK)
+        return
     from medvqa.data.adapters import iter_raw_records
 
-    items = list(iter_raw_records(data))
-    if not items:
+    records = iter_raw_records(data)
+    empty = True
+    while chunk := list(itertools.islice(records, _DRIVER_CHUNK)):
+        empty = False
+        keys = sorted({k for r in chunk for k in r})  # a column a record lacks becomes None (then validated)
+        chunk = [{k: r.get(k) for k in keys} for r in chunk]
+        blocks = max(1, min(parallelism * 4, len(chunk) // _RAW_CHUNK or 1))
+        yield ray.data.from_items(chunk, override_num_blocks=blocks)
+    if empty:
         raise ValueError(f"data source {data.kind}:{data.path} split={data.split!r} has no records")
-    # Columns a source lacks become empty strings; JSON-safe meta.
-    keys = sorted({k for r in items for k in r})
-    items = [{k: r.get(k) for k in keys} for r in items]
-    return ray.data.from_items(items, override_num_blocks=max(1, min(parallelism * 4, len(items) // _RAW_CHUNK or 1)))
 
 
 def _validate_and_split(batch: dict, rejects_dir: str) -> dict:
@@ -123,11 +132,12 @@ def prepare_records(data: DataConfig, out_dir: Path, rejects_dir: Path, resource
     for d in (out_dir, rejects_dir):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
-    ds = raw_dataset(data).map_batches(
-        _validate_and_split, fn_kwargs={"rejects_dir": str(rejects_dir)}, batch_format="numpy",
-        batch_size=_RAW_CHUNK, num_cpus=resources.data_cpus_per_task,
-        compute=TaskPoolStrategy(size=resources.data_concurrency))
-    ds.write_parquet(str(out_dir), schema=SCHEMA, max_rows_per_file=_ROWS_PER_FILE)
+    for raw in raw_datasets(data):  # write_parquet adds files to out_dir, one chunk after another
+        raw.map_batches(
+            _validate_and_split, fn_kwargs={"rejects_dir": str(rejects_dir)}, batch_format="numpy",
+            batch_size=_RAW_CHUNK, num_cpus=resources.data_cpus_per_task,
+            compute=TaskPoolStrategy(size=resources.data_concurrency),
+        ).write_parquet(str(out_dir), schema=SCHEMA, max_rows_per_file=_ROWS_PER_FILE)
 
     # Counts from a column projection of the written files (no image bytes read back).
     files = sorted(out_dir.glob("*.parquet"))
