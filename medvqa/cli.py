@@ -117,5 +117,56 @@ def data_inspect(overrides: Optional[List[str]] = typer.Argument(None, help="Dot
         typer.echo(json.dumps(rec, default=str))
 
 
+@data_app.command("audit")
+def data_audit(kind: str = typer.Option("vqa_rad", help="Source adapter (data.kind), e.g. vqa_rad, vqa_rad_hf."),
+               path: str = typer.Option(..., help="Dataset folder, parquet file or HF dataset id."),
+               a: str = typer.Option("train", "--a", help="Training-side split."),
+               b: str = typer.Option("test", "--b", help="Evaluation-side split."),
+               disjoint: bool = typer.Option(False, "--disjoint", help="Audit an image-disjoint split of the "
+                                             "records of both splits instead of the official one."),
+               test_fraction: float = typer.Option(0.2, help="--disjoint: fraction of questions on the test side."),
+               seed: int = typer.Option(0, help="--disjoint: split seed."),
+               stratify: Optional[str] = typer.Option(None, help="--disjoint: stratify by this meta key "
+                                                      "(e.g. organ)."),
+               as_json: bool = typer.Option(False, "--json", help="Print one machine-readable JSON object.")) -> None:
+    """Leakage audit of a split: image overlap (by content hash) and near-duplicate questions."""
+    from medvqa.audit import audit_splits, format_audit, image_disjoint_split
+    from medvqa.config import DataConfig
+    from medvqa.data.adapters import iter_raw_records
+    from medvqa.data.records import validate_record
+
+    def load(split: str) -> tuple[list, int]:
+        rows, rejected = [], 0
+        for raw in iter_raw_records(DataConfig(kind=kind, path=path, split=split)):
+            rec = validate_record(raw)
+            rec["image"] = b""  # the hash (image_id) is all the audit needs
+            if rec["reject_reason"]:
+                rejected += 1
+            else:
+                rows.append(rec)
+        return rows, rejected
+
+    try:
+        (rows_a, rej_a), (rows_b, rej_b) = load(a), load(b)
+        if disjoint:
+            rows_a, rows_b = image_disjoint_split(rows_a + rows_b, test_fraction=test_fraction, seed=seed,
+                                                  stratify_by=stratify, names=(a, b))
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    result = audit_splits(rows_a, rows_b, name_a=a, name_b=b)
+    result["data"] = {"kind": kind, "path": path, "split": "image_disjoint" if disjoint else "official",
+                      "rejected": {a: rej_a, b: rej_b}}
+    if disjoint:
+        result["data"].update(test_fraction=test_fraction, seed=seed, stratify_by=stratify)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    what = (f"image-disjoint split (test_fraction={test_fraction}, seed={seed}, stratify_by={stratify})"
+            if disjoint else "official split")
+    typer.echo(f"{kind} at {path}: {what}; rejected records left out: {a} {rej_a}, {b} {rej_b}\n")
+    typer.echo(format_audit(result))
+
+
 if __name__ == "__main__":
     app()
