@@ -203,34 +203,6 @@ def build_cells(test_records: Sequence[Mapping], conditions: Sequence[str], inst
 # ------------------------------------------------------------------------------------------------ prediction
 
 
-class CellPredictor:
-    """Ray Data callable class like ``infer.Predictor`` (which it wraps: same model loading, same
-    ``generate_answers``), but the instruction comes from each row's ``instruction`` column, so the cells of one
-    model with different instructions (``expert``) share one job and one model load per actor."""
-
-    def __init__(self, cfg_dict: Mapping, adapters: Mapping[str, str], max_new_tokens: int = 16):
-        from medvqa.infer import Predictor
-
-        self.inner = Predictor(cfg_dict, adapters=adapters, max_new_tokens=max_new_tokens)
-
-    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from medvqa.infer import generate_answers
-
-        n = len(batch["image"])
-        raw, answer = [None] * n, [None] * n
-        for instruction in sorted(set(batch["instruction"])):  # greedy answers are batch-invariant (left padding)
-            idx = [i for i in range(n) if batch["instruction"][i] == instruction]
-            rows = [{"image": batch["image"][i], "prompt": batch["prompt"][i]} for i in idx]
-            preds = generate_answers(self.inner.model, self.inner.processor, rows, str(instruction),
-                                     self.inner.max_new_tokens)
-            for i, p in zip(idx, preds):
-                raw[i], answer[i] = p["raw"], p["answer"]
-        out = {k: v for k, v in batch.items() if k != "image"}
-        out["raw_prediction"] = np.array(raw, dtype=object)
-        out["predicted_answer"] = np.array(answer, dtype=object)
-        return out
-
-
 def _predict_rows(rows: list[dict], cfg: Config, adapters: Mapping[str, str], max_new_tokens: int, concurrency: int,
                   cpus_per_actor: float, batch_size: int) -> pd.DataFrame:
     """One Ray Data job over ``rows`` (several blocks so every actor gets work) -> predictions as a DataFrame."""
@@ -240,12 +212,11 @@ def _predict_rows(rows: list[dict], cfg: Config, adapters: Mapping[str, str], ma
         from medvqa.train import init_ray
 
         init_ray(cfg)
+    from medvqa.infer import predict_dataset
+
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * concurrency)))
-    num_gpus = 1 if cfg.resources.use_gpu else None
-    out = ds.map_batches(CellPredictor, fn_constructor_kwargs={"cfg_dict": to_dict(cfg), "adapters": dict(adapters),
-                                                               "max_new_tokens": max_new_tokens},
-                         batch_format="numpy", batch_size=batch_size, num_cpus=cpus_per_actor, num_gpus=num_gpus,
-                         compute=ray.data.ActorPoolStrategy(size=concurrency))
+    out = predict_dataset(ds, cfg, adapters=dict(adapters), max_new_tokens=max_new_tokens, concurrency=concurrency,
+                          cpus_per_actor=cpus_per_actor, batch_size=batch_size)
     return pd.DataFrame(out.take_all())
 
 

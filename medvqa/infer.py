@@ -137,13 +137,20 @@ class Predictor:
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A numpy batch with ``image`` and ``prompt`` -> every column except ``image``, plus ``raw_prediction`` and
-        ``predicted_answer`` (strings)."""
+        ``predicted_answer`` (strings). A row's ``instruction`` column, when present, overrides the actor's
+        instruction (e.g. the expert-prompt condition shares the job with the others); rows are generated per
+        instruction, which changes no answer (greedy decoding with left padding is batch-invariant)."""
         n = len(batch["image"])
-        rows = [{"image": batch["image"][i], "prompt": batch["prompt"][i]} for i in range(n)]
-        preds = generate_answers(self.model, self.processor, rows, self.instruction, self.max_new_tokens)
+        instructions = [str(x) for x in batch["instruction"]] if "instruction" in batch else [self.instruction] * n
+        raw, answer = [""] * n, [""] * n
+        for instruction in sorted(set(instructions)):
+            idx = [i for i in range(n) if instructions[i] == instruction]
+            rows = [{"image": batch["image"][i], "prompt": batch["prompt"][i]} for i in idx]
+            for i, p in zip(idx, generate_answers(self.model, self.processor, rows, instruction, self.max_new_tokens)):
+                raw[i], answer[i] = p["raw"], p["answer"]
         out = {k: v for k, v in batch.items() if k != "image"}
-        out["raw_prediction"] = np.array([p["raw"] for p in preds], dtype=object)
-        out["predicted_answer"] = np.array([p["answer"] for p in preds], dtype=object)
+        out["raw_prediction"] = np.array(raw, dtype=object)
+        out["predicted_answer"] = np.array(answer, dtype=object)
         return out
 
 
