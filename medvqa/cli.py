@@ -52,6 +52,36 @@ def train(overrides: Optional[List[str]] = typer.Argument(None, help="Dotted ove
     typer.echo(f"run dir: {run_dir}")
 
 
+@app.command("eval")
+def eval_matrix(run_dir: str = typer.Argument(..., help="Two-stage run directory (config.yaml, adapters/)."),
+                overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides of the run's "
+                                                                "config (resources.*; model.* must stay as trained)"),
+                single_stage: Optional[str] = typer.Option(None, help="Run directory of the single-stage baseline."),
+                base_only: bool = typer.Option(False, help="Evaluate only the base model."),
+                conditions: str = typer.Option("true,swapped,expert,medhalt", help="Comma-separated conditions."),
+                medhalt: Optional[str] = typer.Option(None, help="Med-HALT reasoning_fake.csv (else medhalt is "
+                                                      "skipped)."),
+                medhalt_limit: int = typer.Option(100, help="Med-HALT questions (seeded subset)."),
+                ood: bool = typer.Option(False, help="Add the out-of-distribution condition (phantom runs: "
+                                         "phantoms of another seed)."),
+                ood_path: Optional[str] = typer.Option(None, help="PathVQA test source for the ood condition."),
+                test_limit: Optional[int] = typer.Option(None, help="Seeded subset of the test split."),
+                max_new_tokens: int = typer.Option(16, help="Greedy decoding budget, the same for every model."),
+                concurrency: int = typer.Option(2, help="Predictor actors."),
+                cpus_per_actor: float = typer.Option(0.5, help="CPUs per actor (fractional on small machines).")
+                ) -> None:
+    """Evaluation matrix of a run: models x conditions in one Ray Data batch-inference job per model, written to
+    RUN_DIR/eval/ (resumable per cell)."""
+    setup_logging()
+    from medvqa.evaluate import evaluate_run
+
+    out = evaluate_run(run_dir, single_stage=single_stage, base_only=base_only, overrides=overrides or [],
+                       conditions=[c for c in conditions.split(",") if c], test_limit=test_limit,
+                       medhalt_path=medhalt, medhalt_limit=medhalt_limit, ood=ood, ood_path=ood_path,
+                       max_new_tokens=max_new_tokens, concurrency=concurrency, cpus_per_actor=cpus_per_actor)
+    typer.echo(json.dumps({"metrics": out["metrics_path"], "predicted": out["predicted"], "skipped": out["skipped"]}))
+
+
 @app.command()
 def config(overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides"),
            preset: str = typer.Option("tiny", help="Preset name or YAML path."),

@@ -121,7 +121,7 @@ class RunConfig:
     checkpoint_every_n_steps: int = doc(50, "Checkpoint adapter, optimizer, scheduler and data position.")
     max_failures: int = doc(2, "Ray Train restarts from the latest checkpoint after a worker failure.")
     max_reject_fraction: float = doc(0.05, "Stop with an error when more than this fraction of records is rejected.")
-    evaluate: bool = doc(False, "Run the evaluation matrix after training.")
+    evaluate: bool = doc(False, "Run the evaluation matrix (base vs this run; `medvqa eval`) after training.")
 
 
 @dataclass

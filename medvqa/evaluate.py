@@ -471,8 +471,11 @@ def evaluate_run(run_dir: str | os.PathLike, single_stage: str | os.PathLike | N
             conditions.append("ood")
     models: dict[str, Any] = {"base": None}
     if not base_only:
-        models["single_stage"] = single_stage
-        models["two_stage"] = run_dir
+        if cfg.stage1.enabled:
+            models["single_stage"] = single_stage
+            models["two_stage"] = run_dir
+        else:  # the run itself is a single-stage baseline
+            models["single_stage"] = run_dir
     return run_matrix(cfg, models, test, Path(run_dir) / "eval", conditions=conditions, seed=seed,
                       max_new_tokens=max_new_tokens, concurrency=concurrency, cpus_per_actor=cpus_per_actor,
                       batch_size=batch_size, medhalt_path=medhalt_path, medhalt_limit=medhalt_limit,

@@ -266,5 +266,9 @@ def run_two_stage(cfg: Config, ray_temp_dir: str | None = None) -> Path:
     # One data manifest for the run: per stage, what was read, kept and rejected (and where the rejects are).
     write_json(run_dir / "manifest.json", {name: json.loads((run_dir / "data" / name / "manifest.json").read_text())
                                            for name, _ in cfg.stages()})
+    if cfg.run.evaluate:
+        from medvqa.evaluate import evaluate_run
+
+        evaluate_run(run_dir)
     log.info("done: %s", run_dir)
     return run_dir

@@ -208,21 +208,21 @@ def test_matrix_on_local_ray(ray_local, tiny_run, tmp_path):
 
 @pytest.mark.integration
 def test_eval_job_on_a_run_dir(ray_local, tiny_run):
-    """jobs/eval_matrix.py end to end (base only, small): the run's test split, Med-HALT and phantom ood cells."""
-    import importlib.util
+    """`medvqa eval` (= jobs/eval_matrix.py) end to end (base only, small): the run's test split, Med-HALT and
+    phantom ood cells."""
     import os
-    from pathlib import Path
 
     if not os.path.exists(MEDHALT_CSV):
         pytest.skip("no Med-HALT CSV here")
     _, run_dir = tiny_run
-    path = Path(__file__).resolve().parents[1] / "jobs" / "eval_matrix.py"
-    spec = importlib.util.spec_from_file_location("eval_matrix_job", path)
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    job.main([str(run_dir), "--base-only", "--conditions", "true,medhalt", "--medhalt", MEDHALT_CSV,
-              "--medhalt-limit", "4", "--ood", "--test-limit", "6", "--max-new-tokens", "3",
-              "--cpus-per-actor", "0.25", "resources.num_cpus=2"])
+    from typer.testing import CliRunner
+
+    from medvqa.cli import app
+
+    out = CliRunner().invoke(app, ["eval", str(run_dir), "--base-only", "--conditions", "true,medhalt", "--medhalt",
+                                   MEDHALT_CSV, "--medhalt-limit", "4", "--ood", "--test-limit", "6",
+                                   "--max-new-tokens", "3", "--cpus-per-actor", "0.25", "resources.num_cpus=2"])
+    assert out.exit_code == 0, out.output
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert set(metrics["cells"]["base"]) == {"true", "medhalt", "ood"}
     assert metrics["cells"]["base"]["true"]["n"] == 6 and metrics["cells"]["base"]["medhalt"]["n"] == 4
