@@ -198,5 +198,48 @@ def data_audit(kind: str = typer.Option("vqa_rad", help="Source adapter (data.ki
     typer.echo(format_audit(result))
 
 
+@app.command()
+def report(run_dir: str = typer.Argument(..., help="Run directory with eval/metrics.json (after `medvqa eval`)."),
+           audit: bool = typer.Option(True, help="VQA-RAD runs: compute the train/test leakage audit.")) -> None:
+    """Write RUN_DIR/report/report.md and report.html (tables, plots, leakage, provenance, human scores)."""
+    from medvqa.report import HumanEvalError, build_report
+
+    try:
+        out = build_report(run_dir, audit=audit)
+    except (FileNotFoundError, HumanEvalError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(json.dumps(out))
+
+
+@app.command("human-export")
+def human_export(run_dir: str = typer.Argument(..., help="Run directory with eval/predictions/."),
+                 out_csv: str = typer.Argument(..., help="CSV to write for the clinician."),
+                 images: bool = typer.Option(True, help="Resolve test images (written next to the CSV).")) -> None:
+    """Export the open (non-yes/no) questions of every cell for clinician scoring (empty clinician_score)."""
+    from medvqa.report import export_human_eval
+
+    try:
+        df = export_human_eval(run_dir, out_csv, resolve_images=images)
+    except FileNotFoundError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"{len(df)} rows -> {out_csv}")
+
+
+@app.command("human-merge")
+def human_merge(run_dir: str = typer.Argument(..., help="Run directory."),
+                filled_csv: str = typer.Argument(..., help="The exported CSV with clinician_score filled in.")) -> None:
+    """Validate a filled human-evaluation CSV and store it for `medvqa report`."""
+    from medvqa.report import HumanEvalError, merge_human_eval
+
+    try:
+        summary = merge_human_eval(run_dir, filled_csv)
+    except (FileNotFoundError, HumanEvalError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(json.dumps(summary, indent=2))
+
+
 if __name__ == "__main__":
     app()

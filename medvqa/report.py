@@ -1,0 +1,533 @@
+"""A run's report (``RUN_DIR/report/report.md`` + ``report.html`` + PNG plots) from ``RUN_DIR/eval/metrics.json``,
+and the clinician (human) evaluation round trip.
+
+* ``build_report(run_dir)``: the Figure-2 style table (model × condition, study metrics and standard ones, each
+  "mean [lo, hi]"), breakdowns by answer / question type, image reliance (true → swapped drop), Med-HALT
+  abstention, paired tests between models, the leakage statement, provenance (run id, config.yaml, git commit,
+  generation time), and -- once merged -- the human-evaluation table. The HTML is self-contained except for the
+  PNGs, referenced by relative path (``plots/*.png``).
+* ``export_human_eval(run_dir, out_csv)``: the open (non-yes/no) questions of every cell, with an empty
+  ``clinician_score`` column; ``merge_human_eval(run_dir, filled_csv)`` validates a filled copy and stores it as
+  ``RUN_DIR/report/human_eval.csv`` for the report.
+
+No Ray, no torch: pandas, pyarrow and matplotlib (Agg) only.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+#: Figure-2 columns: the study's metrics, then the standard ones
+STUDY_METRICS = ("paper_contains_em", "paper_f1", "paper_bleu1")
+STANDARD_METRICS = ("normalized_em", "normalized_f1", "closed_accuracy", "open_recall")
+TABLE_METRICS = STUDY_METRICS + STANDARD_METRICS
+#: metrics in the bar chart
+PLOT_METRICS = ("paper_contains_em", "normalized_f1", "closed_accuracy", "open_recall")
+#: clinician scores accepted by ``merge_human_eval``
+HUMAN_SCORES = (0, 1, 2, 3, 4, 5)
+HUMAN_COLUMNS = ("model", "condition", "question_id", "question", "true_answer", "predicted_answer",
+                 "image_id_shown", "image_path", "clinician_score")
+HUMAN_FILE = "human_eval.csv"
+#: conditions left out of the human export by default (Med-HALT: the right answer is to decline)
+HUMAN_SKIP_CONDITIONS = ("medhalt",)
+
+
+class HumanEvalError(ValueError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def fmt_ci(mean: Any, ci: Sequence[Any] | None, digits: int = 3) -> str:
+    """'0.552 [0.505, 0.600]' ('—' when undefined)."""
+    if mean is None:
+        return "—"
+    if not ci or ci[0] is None or ci[1] is None:
+        return fmt(mean, digits)
+    return f"{mean:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def _signed_ci(d: Any, ci: Sequence[Any] | None) -> str:
+    if d is None:
+        return "—"
+    s = f"{d:+.3f}"
+    if ci and ci[0] is not None:
+        s += f" [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+    return s
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    esc = lambda c: str(c).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_metrics(run_dir: str | os.PathLike) -> dict:
+    path = Path(run_dir) / "eval" / "metrics.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no evaluation metrics (run `medvqa eval {run_dir}` first)")
+    return json.loads(path.read_text())
+
+
+def _cells(metrics: Mapping) -> list[tuple[str, str, dict]]:
+    """(model, condition, aggregate) in the settings' order where known."""
+    settings = metrics.get("settings") or {}
+    cond_order = list(settings.get("conditions") or [])
+    out = []
+    for m, conds in (metrics.get("cells") or {}).items():
+        names = sorted(conds, key=lambda c: (cond_order.index(c) if c in cond_order else len(cond_order), c))
+        out += [(m, c, conds[c]) for c in names]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ sections
+
+
+def figure2_rows(metrics: Mapping) -> list[list[str]]:
+    return [[m, c, str(a.get("n", "")), *[fmt_ci(a.get(k), (a.get("ci") or {}).get(k)) for k in TABLE_METRICS]]
+            for m, c, a in _cells(metrics)]
+
+
+FIG2_HEADER = ("model", "condition", "n", *TABLE_METRICS)
+
+
+def breakdown_tables(metrics: Mapping) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """column ('answer_type', 'question_type') -> (header, rows of model, condition, group, n, metrics)."""
+    out: dict[str, tuple[list[str], list[list[str]]]] = {}
+    for m, c, a in _cells(metrics):
+        for col, groups in (a.get("breakdown") or {}).items():
+            header, rows = out.setdefault(col, (["model", "condition", col, "n", *TABLE_METRICS], []))
+            for g, s in groups.items():
+                rows.append([m, c, g, str(s.get("n", "")),
+                             *[fmt_ci(s.get(k), (s.get("ci") or {}).get(k)) for k in TABLE_METRICS]])
+    return out
+
+
+def reliance_rows(metrics: Mapping) -> list[list[str]]:
+    rows = []
+    for model, per in (metrics.get("image_reliance") or {}).items():
+        for k, r in per.items():
+            rows.append([model, k, fmt(r.get("true")), fmt(r.get("swapped")), _signed_ci(r.get("drop"), r.get("ci")),
+                         fmt(r.get("p_value")), str(r.get("n", ""))])
+    return rows
+
+
+def abstention_rows(metrics: Mapping) -> list[list[str]]:
+    """Med-HALT abstention (the headline) plus every cell's decline rate."""
+    rows = []
+    for m, c, a in _cells(metrics):
+        ab = a.get("abstention_rate") or {}
+        if ab:
+            rows.append([m, c, fmt_ci(ab.get("decline_rate"), (ab.get("ci") or {}).get("decline_rate")),
+                         f"{ab.get('n_declined', '')} / {ab.get('n', '')}"])
+    return rows
+
+
+def paired_rows(metrics: Mapping) -> list[list[str]]:
+    rows = []
+    for name, t in (metrics.get("paired_true") or {}).items():
+        mc = t.get("mcnemar") or {}
+        for k, b in (t.get("bootstrap") or {}).items():
+            rows.append([name, k, fmt(b.get("mean_a")), fmt(b.get("mean_b")), _signed_ci(b.get("diff"), b.get("ci")),
+                         fmt(b.get("p_value")), fmt((mc.get(k) or {}).get("p_value")) if k in mc else "—",
+                         str(b.get("n", ""))])
+    return rows
+
+
+def leakage_section(run_dir: str | os.PathLike, cfg: Mapping | None = None, audit: bool = True) -> dict:
+    """{'kind', 'statement', 'audit' (audit_splits output or None)}: for VQA-RAD the train vs test audit of the
+    official split; for phantoms what was used; for others the source and split. Never raises."""
+    run_dir = Path(run_dir)
+    cfg = cfg if cfg is not None else _read_yaml(run_dir / "config.yaml")
+    data = ((cfg.get("stage2") or {}).get("data") or {}) if cfg else {}
+    kind = data.get("kind", "unknown")
+    if kind in ("vqa_rad", "vqa_rad_hf"):
+        if not audit:
+            return {"kind": kind, "audit": None,
+                    "statement": f"VQA-RAD ({kind}) at {data.get('path')!r}: leakage audit not computed (disabled)."}
+        try:
+            from medvqa.audit import audit_splits
+            from medvqa.config import DataConfig
+            from medvqa.data.adapters import iter_raw_records
+            from medvqa.data.records import validate_record
+
+            def load(split: str) -> list[dict]:
+                rows = []
+                for raw in iter_raw_records(DataConfig(kind=kind, path=data.get("path", ""), split=split)):
+                    rec = validate_record(raw)
+                    rec["image"] = b""
+                    if not rec["reject_reason"]:
+                        rows.append(rec)
+                return rows
+
+            res = audit_splits(load("train"), load("test"))
+            return {"kind": kind, "audit": res,
+                    "statement": f"VQA-RAD ({kind}, official split) at {data.get('path')!r}: {res['statement']}"}
+        except Exception as e:  # the data may be gone; say so instead of omitting the section
+            return {"kind": kind, "audit": None,
+                    "statement": f"VQA-RAD ({kind}) at {data.get('path')!r}: the train/test leakage audit could not "
+                                 f"be computed ({type(e).__name__}: {e}). Run `medvqa data audit --kind {kind} "
+                                 f"--path ...`."}
+    if kind == "phantom":
+        return {"kind": kind, "audit": None,
+                "statement": (f"phantom data: train and test generated from disjoint streams (seed={data.get('seed')}, "
+                              f"split='train' vs split='test'; records are seeded per (task, seed, split, index)); "
+                              f"no VQA-RAD leakage audit applies.")}
+    return {"kind": kind, "audit": None,
+            "statement": (f"stage-2 source {kind!r} at {data.get('path')!r}: train split {data.get('split', 'train')!r}"
+                          f" vs its 'test' split as released; no leakage audit was computed for this source.")}
+
+
+def provenance(run_dir: str | os.PathLike) -> dict:
+    run_dir = Path(run_dir)
+    env = _read_json(run_dir / "environment.json") or {}
+    git = env.get("git") or {}
+    return {"run_id": run_dir.resolve().name, "run_dir": str(run_dir.resolve()),
+            "git_commit": git.get("commit") or "unknown", "git_dirty": git.get("dirty"),
+            "environment_time": env.get("time"), "packages": env.get("packages") or {},
+            "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime()),
+            "config_path": "../config.yaml",
+            "config_text": (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else ""}
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metrics(metrics: Mapping, path: Path, keys: Sequence[str] = PLOT_METRICS) -> Path | None:
+    """Grouped bars: one group per metric, one bar per model × condition, 95% CI error bars."""
+    cells = _cells(metrics)
+    if not cells:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(keys) + 0.25 * len(cells) * len(keys)), 4.2))
+    width = 0.8 / len(cells)
+    x = np.arange(len(keys))
+    for i, (m, c, a) in enumerate(cells):
+        vals = np.array([a.get(k) if a.get(k) is not None else np.nan for k in keys], float)
+        lo = np.array([((a.get("ci") or {}).get(k) or [None, None])[0] for k in keys], float)
+        hi = np.array([((a.get("ci") or {}).get(k) or [None, None])[1] for k in keys], float)
+        err = np.nan_to_num(np.vstack([vals - lo, hi - vals]), nan=0.0).clip(min=0)
+        ax.bar(x - 0.4 + (i + 0.5) * width, np.nan_to_num(vals), width, yerr=err, capsize=2, label=f"{m} / {c}")
+    ax.set_xticks(x)
+    ax.set_xticklabels(keys, rotation=15)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score (95% CI)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_forest(metrics: Mapping, path: Path) -> Path | None:
+    """Forest plot of the paired differences (B − A on the true condition) and the image-reliance drops."""
+    items = []
+    for name, t in (metrics.get("paired_true") or {}).items():
+        for k, b in (t.get("bootstrap") or {}).items():
+            if k in TABLE_METRICS and b.get("diff") is not None:
+                items.append((f"{name}: {k}", b["diff"], b.get("ci") or [None, None]))
+    for model, per in (metrics.get("image_reliance") or {}).items():
+        for k, r in per.items():
+            if r.get("drop") is not None:
+                items.append((f"reliance {model}: {k}", r["drop"], r.get("ci") or [None, None]))
+    if not items:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(items) + 1.2))
+    y = np.arange(len(items))[::-1]
+    d = np.array([v for _, v, _ in items], float)
+    lo = np.array([c[0] if c[0] is not None else v for _, v, c in items], float)
+    hi = np.array([c[1] if c[1] is not None else v for _, v, c in items], float)
+    ax.errorbar(d, y, xerr=np.vstack([d - lo, hi - d]).clip(min=0), fmt="o", capsize=3)
+    ax.axvline(0, color="grey", lw=0.8, ls="--")
+    ax.set_yticks(y)
+    ax.set_yticklabels([n for n, _, _ in items], fontsize=7)
+    ax.set_xlabel("difference (95% paired-bootstrap CI)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ human evaluation
+
+
+def _is_yes_no(answer: Any) -> bool:
+    from medvqa.metrics import normalize_answer
+
+    return normalize_answer("" if answer is None else str(answer)) in ("yes", "no")
+
+
+def _image_paths(run_dir: Path, image_ids: set[str], out_dir: Path) -> dict[str, str]:
+    """image_id -> a path for the clinician: the source file where the record names one, else the test image's
+    bytes written to ``out_dir/human_images/`` (path relative to ``out_dir``). Best effort: {} on failure."""
+    try:
+        from medvqa.evaluate import heldout_records, load_run_config
+
+        records = heldout_records(load_run_config(run_dir).stage2.data)
+    except Exception as e:  # data gone / unreadable: leave the column empty
+        log.warning("human export: test images not resolvable (%s: %s)", type(e).__name__, e)
+        return {}
+    out: dict[str, str] = {}
+    for r in records:
+        iid = str(r.get("image_id") or "")
+        if iid not in image_ids or iid in out:
+            continue
+        src = r.get("image_path")
+        if src and Path(str(src)).exists():
+            out[iid] = str(src)
+        elif r.get("image"):
+            ext = os.path.splitext(str(r.get("image_name") or ""))[1] or ".png"
+            dest = out_dir / "human_images" / f"{iid}{ext}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(bytes(r["image"]))
+            out[iid] = os.path.relpath(dest, out_dir)
+    return out
+
+
+def export_human_eval(run_dir: str | os.PathLike, out_csv: str | os.PathLike, resolve_images: bool = True,
+                      skip_conditions: Sequence[str] = HUMAN_SKIP_CONDITIONS) -> pd.DataFrame:
+    """Write the cells a clinician should judge: every non-yes/no question (as the study) of every prediction parquet
+    under ``RUN_DIR/eval/predictions`` (Med-HALT left out), columns ``HUMAN_COLUMNS`` with an empty
+    ``clinician_score``. Returns the frame written."""
+    run_dir, out_csv = Path(run_dir), Path(out_csv)
+    pred_dir = run_dir / "eval" / "predictions"
+    files = sorted(pred_dir.glob("*/*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{pred_dir}: no prediction parquets (run `medvqa eval {run_dir}` first)")
+    frames = []
+    for f in files:
+        model, condition = f.parent.name, f.stem
+        if condition in skip_conditions:
+            continue
+        df = pd.read_parquet(f)
+        df = df[[not _is_yes_no(a) for a in df["true_answer"]]]
+        frames.append(pd.DataFrame({
+            "model": df.get("model", pd.Series([model] * len(df), index=df.index)).fillna(model).astype(str),
+            "condition": condition, "question_id": df["question_id"].astype(str),
+            "question": df.get("prompt", pd.Series([""] * len(df), index=df.index)).astype(str),
+            "true_answer": df["true_answer"].astype(str), "predicted_answer": df["predicted_answer"].astype(str),
+            "image_id_shown": df.get("image_id_shown", pd.Series([""] * len(df), index=df.index)).astype(str)}))
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=HUMAN_COLUMNS[:-2])
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    paths = _image_paths(run_dir, set(out["image_id_shown"]), out_csv.parent) if resolve_images and len(out) else {}
+    out["image_path"] = [paths.get(i, "") for i in out["image_id_shown"]]
+    out["clinician_score"] = ""
+    out = out[list(HUMAN_COLUMNS)]
+    out.to_csv(out_csv, index=False)
+    return out
+
+
+def read_human_eval(filled_csv: str | os.PathLike, allowed: Sequence[int] = HUMAN_SCORES) -> pd.DataFrame:
+    """A filled export, validated: required columns, unique (model, condition, question_id), every
+    ``clinician_score`` one of ``allowed`` (blank = not judged, dropped). Raises ``HumanEvalError`` naming the bad
+    rows (1-based data rows, as a spreadsheet shows them after the header: row 2 is the first)."""
+    path = Path(filled_csv)
+    if not path.exists():
+        raise FileNotFoundError(path)
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in ("model", "condition", "question_id", "clinician_score") if c not in df.columns]
+    if missing:
+        raise HumanEvalError(f"{path}: missing column(s) {missing}")
+    raw = df["clinician_score"].str.strip()
+    allowed_f = {float(a) for a in allowed}
+    bad = []
+    scores = []
+    for i, s in enumerate(raw):
+        if s == "":
+            scores.append(np.nan)
+            continue
+        try:
+            v = float(s)
+        except ValueError:
+            v = None
+        if v is None or v not in allowed_f:
+            bad.append(f"row {i + 2} ({df['model'].iat[i]}/{df['condition'].iat[i]}/{df['question_id'].iat[i]}): "
+                       f"{s!r}")
+        scores.append(v if v is not None else np.nan)
+    if bad:
+        raise HumanEvalError(f"{path}: clinician_score must be one of {list(allowed)} or blank; bad rows: "
+                             + "; ".join(bad[:20]) + (f" (+{len(bad) - 20} more)" if len(bad) > 20 else ""))
+    dup = df.duplicated(["model", "condition", "question_id"], keep=False)
+    if dup.any():
+        rows = ", ".join(str(i + 2) for i in np.flatnonzero(dup.to_numpy())[:20])
+        raise HumanEvalError(f"{path}: duplicate (model, condition, question_id) in rows {rows}")
+    df["clinician_score"] = scores
+    return df
+
+
+def merge_human_eval(run_dir: str | os.PathLike, filled_csv: str | os.PathLike) -> dict:
+    """Validate a filled export and store it as ``RUN_DIR/report/human_eval.csv`` (the report reads it). Returns
+    the summary (``human_summary``)."""
+    df = read_human_eval(filled_csv)
+    judged = df[df["clinician_score"].notna()]
+    if judged.empty:
+        raise HumanEvalError(f"{filled_csv}: no clinician_score filled in")
+    dest = Path(run_dir) / "report" / HUMAN_FILE
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".csv.tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, dest)
+    return human_summary(df)
+
+
+def human_summary(df: pd.DataFrame) -> dict:
+    """model -> condition -> {mean, n, ci} over judged rows."""
+    from medvqa.metrics import bootstrap_ci
+
+    out: dict[str, dict] = {}
+    judged = df[df["clinician_score"].notna()]
+    for (m, c), g in judged.groupby(["model", "condition"], sort=True):
+        v = g["clinician_score"].to_numpy(float)
+        lo, hi = bootstrap_ci(v, n_boot=1000, seed=0)
+        out.setdefault(str(m), {})[str(c)] = {"mean": float(v.mean()), "n": int(v.size), "ci": [lo, hi]}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+
+def _md_to_html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def build_report(run_dir: str | os.PathLike, audit: bool = True) -> dict:
+    """Write ``RUN_DIR/report/report.md``, ``report.html`` and ``plots/*.png``. Returns the paths written."""
+    run_dir = Path(run_dir)
+    metrics = load_metrics(run_dir)
+    out_dir = run_dir / "report"
+    plots = out_dir / "plots"
+    prov = provenance(run_dir)
+    leak = leakage_section(run_dir, audit=audit)
+    bar = plot_metrics(metrics, plots / "metrics.png")
+    forest = plot_forest(metrics, plots / "forest.png")
+    human_path = out_dir / HUMAN_FILE
+    human = human_summary(read_human_eval(human_path)) if human_path.exists() else None
+    settings = metrics.get("settings") or {}
+
+    # (title, kind, payload): kind 'table' (header, rows), 'text' str, 'image' relpath, 'code' str
+    sections: list[tuple[str, list[tuple[str, Any]]]] = []
+    sections.append(("Provenance", [("text", f"Run id: `{prov['run_id']}`  \nRun directory: `{prov['run_dir']}`  \n"
+                                             f"Git commit: `{prov['git_commit']}`"
+                                             f"{' (dirty working tree)' if prov['git_dirty'] else ''}  \n"
+                                             f"Report generated: {prov['generated']}  \n"
+                                             f"Evaluated models: {', '.join(settings.get('evaluated') or []) or '—'}; "
+                                             f"conditions: {', '.join(settings.get('conditions') or []) or '—'}; "
+                                             f"test questions: {settings.get('n_questions', '—')}; "
+                                             f"seed: {settings.get('seed', '—')}")]))
+    sections.append(("Results (Figure 2): mean [95% bootstrap CI]", [
+        ("text", "Study metrics: " + ", ".join(STUDY_METRICS) + ". Standard metrics: " + ", ".join(STANDARD_METRICS)
+         + " (closed_accuracy over closed questions, open_recall over open ones)."),
+        ("table", (FIG2_HEADER, figure2_rows(metrics)))] + ([("image", "plots/metrics.png")] if bar else [])))
+    bd = breakdown_tables(metrics)
+    sections.append(("Breakdown by answer type and question type",
+                     [item for col, (h, r) in bd.items() for item in (("text", f"By {col}:"), ("table", (h, r)))]
+                     or [("text", "No breakdowns in metrics.json.")]))
+    rel = reliance_rows(metrics)
+    sections.append(("Image reliance (true → swapped)", [
+        ("text", "Drop = mean score with the true image minus with another image (paired bootstrap); positive "
+                 "means the model uses the image."),
+        ("table", (("model", "metric", "true", "swapped", "drop [95% CI]", "p", "n"), rel)) if rel else
+        ("text", "Not available (needs the true and swapped conditions).")]))
+    mh = metrics.get("medhalt_abstention") or {}
+    ab = abstention_rows(metrics)
+    sections.append(("Abstention (Med-HALT)", [
+        ("text", "Med-HALT nonsense questions: declining is right. " + (
+            "; ".join(f"{m}: {fmt_ci(v.get('decline_rate'), (v.get('ci') or {}).get('decline_rate'))} "
+                      f"(n={v.get('n')})" for m, v in mh.items()) if mh else "The medhalt condition was not run.")),
+        ("text", "Decline rate of every cell:"),
+        ("table", (("model", "condition", "decline rate [95% CI]", "declined / n"), ab))]))
+    pr = paired_rows(metrics)
+    sections.append(("Paired tests between models (true condition)", [
+        ("table", (("comparison (B_vs_A)", "metric", "A", "B", "B−A [95% CI]", "p boot", "p McNemar", "n"), pr))
+        if pr else ("text", "Only one model on the true condition: no paired tests.")]
+        + ([("image", "plots/forest.png")] if forest else [])))
+    sections.append(("Leakage", [("text", leak["statement"])]
+                     + ([("code", __import__("medvqa.audit", fromlist=["format_audit"]).format_audit(leak["audit"]))]
+                        if leak.get("audit") else [])))
+    if human:
+        rows = [[m, c, fmt_ci(s["mean"], s["ci"], 2), str(s["n"])] for m, cs in human.items() for c, s in cs.items()]
+        sections.append(("Human evaluation (clinician scores, open questions)", [
+            ("text", f"Scores {HUMAN_SCORES[0]}–{HUMAN_SCORES[-1]} from `{HUMAN_FILE}`."),
+            ("table", (("model", "condition", "mean score [95% CI]", "n judged"), rows))]))
+    else:
+        sections.append(("Human evaluation", [("text", "Not yet: `medvqa human-export RUN_DIR OUT.csv`, fill "
+                                                       "clinician_score, then `medvqa human-merge RUN_DIR OUT.csv`.")]))
+    sections.append(("Configuration", [("text", f"[config.yaml]({prov['config_path']})"),
+                                       ("code", prov["config_text"] or "(config.yaml missing)")]))
+
+    md = [f"# medvqa report: {prov['run_id']}", ""]
+    body = []
+    for title, items in sections:
+        md += [f"## {title}", ""]
+        body.append(f"<h2>{html.escape(title)}</h2>")
+        for kind, payload in items:
+            if kind == "text":
+                md += [payload, ""]
+                body.append(f"<p>{html.escape(payload).replace(chr(10), '<br>')}</p>")
+            elif kind == "table":
+                md += [_md_table(*payload), ""]
+                body.append(_md_to_html_table(*payload))
+            elif kind == "image":
+                md += [f"![{Path(payload).stem}]({payload})", ""]
+                body.append(f'<img src="{html.escape(payload)}" alt="{html.escape(Path(payload).stem)}">')
+            elif kind == "code":
+                md += ["```", payload.rstrip(), "```", ""]
+                body.append(f"<pre>{html.escape(payload)}</pre>")
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px}"
+             "th{background:#eee}pre{background:#f6f6f6;padding:.5em;overflow-x:auto;font-size:12px}"
+             "img{max-width:100%}")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>medvqa report {html.escape(prov['run_id'])}"
+            f"</title><style>{style}</style></head><body><h1>medvqa report: {html.escape(prov['run_id'])}</h1>"
+            + "\n".join(body) + "</body></html>")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.md").write_text("\n".join(md))
+    (out_dir / "report.html").write_text(page)
+    return {"markdown": str(out_dir / "report.md"), "html": str(out_dir / "report.html"),
+            "plots": [str(p) for p in (bar, forest) if p], "human": human is not None, "leakage": leak["statement"]}

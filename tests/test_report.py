@@ -1,0 +1,263 @@
+"""medvqa.report: the run report (md + html + PNGs) and the human-evaluation export / merge. No Ray, no model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from medvqa.config import dump_yaml, load_config
+from medvqa.evaluate import _clean, _write_cell, cell_path, score_matrix
+from medvqa.report import (
+    HumanEvalError,
+    build_report,
+    export_human_eval,
+    fmt_ci,
+    merge_human_eval,
+    read_human_eval,
+)
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+# (question_id, question, true answer, answer_type, question_type, image_id)
+QUESTIONS = [
+    ("q0", "Is there a fracture?", "yes", "CLOSED", "PRES", "img0"),
+    ("q1", "Is the lung normal?", "no", "CLOSED", "ABN", "img1"),
+    ("q2", "What organ is shown?", "chest", "OPEN", "ORGAN", "img2"),
+    ("q3", "Which side is the lesion on?", "left", "CLOSED", "POS", "img3"),
+    ("q4", "What modality is this?", "ct", "OPEN", "MODALITY", "img0"),
+    ("q5", "Is there an effusion?", "yes", "CLOSED", "PRES", "img1"),
+    ("q6", "What is abnormal?", "pleural effusion", "OPEN", "ABN", "img2"),
+    ("q7", "Is this an MRI?", "no", "CLOSED", "MODALITY", "img3"),
+]
+# predictions per model/condition: index-aligned with QUESTIONS
+PREDS = {
+    ("base", "true"): ["yes", "yes", "abdomen", "right", "ct", "no", "nothing", "yes"],
+    ("base", "swapped"): ["no", "yes", "brain", "right", "mri", "no", "nothing", "yes"],
+    ("two_stage", "true"): ["yes", "no", "chest", "left", "ct scan", "yes", "effusion", "no"],
+    ("two_stage", "swapped"): ["yes", "no", "head", "right", "ct", "no", "mass", "no"],
+}
+
+
+def _cell_frame(model: str, condition: str) -> pd.DataFrame:
+    rows = []
+    for (qid, q, a, at, qt, img), p in zip(QUESTIONS, PREDS[model, condition]):
+        shown = img if condition == "true" else f"img{(int(img[-1]) + 1) % 4}"
+        rows.append({"model": model, "condition": condition, "question_id": qid, "image_id_shown": shown,
+                     "true_image_id": img, "prompt": q, "true_answer": a, "answer_type": at, "question_type": qt,
+                     "source": "phantom", "instruction": "Answer briefly.",
+                     "swap_match": "" if condition == "true" else "any", "raw_prediction": p,
+                     "predicted_answer": p})
+    return pd.DataFrame(rows)
+
+
+def make_run(root: Path, kind: str = "phantom", data_path: str = "") -> Path:
+    """A fake run directory: config.yaml, environment.json, eval/predictions/*/*.parquet and a metrics.json from
+    the real scoring code (``evaluate.score_matrix``)."""
+    run = root / "tiny-run-abc123"
+    run.mkdir(parents=True)
+    overrides = [f"stage2.data.kind={kind}"] + ([f"stage2.data.path={data_path}"] if data_path else [])
+    (run / "config.yaml").write_text(dump_yaml(load_config("tiny", overrides)))
+    (run / "environment.json").write_text(json.dumps({"time": 0.0, "git": {"commit": COMMIT, "dirty": False}}))
+    out = run / "eval"
+    for (m, c) in PREDS:
+        _write_cell(_cell_frame(m, c), cell_path(out, m, c))
+    metrics = score_matrix(out, ["base", "two_stage"], ["true", "swapped"], n_boot=200, seed=0)
+    metrics["settings"] = {"evaluated": ["base", "two_stage"], "conditions": ["true", "swapped"], "seed": 0,
+                           "n_questions": len(QUESTIONS)}
+    (out / "metrics.json").write_text(json.dumps(_clean(metrics)))
+    return run
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    return make_run(tmp_path)
+
+
+def test_report_files_tables_and_provenance(run_dir):
+    out = build_report(run_dir)
+    rep = run_dir / "report"
+    md = (rep / "report.md").read_text()
+    page = (rep / "report.html").read_text()
+    for name in ("metrics.png", "forest.png"):
+        p = rep / "plots" / name
+        assert p.exists() and p.stat().st_size > 1000
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plots/{name}" in md and f'src="plots/{name}"' in page
+    assert sorted(out["plots"]) == sorted(str(rep / "plots" / n) for n in ("metrics.png", "forest.png"))
+
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    for m in ("base", "two_stage"):
+        for c in ("true", "swapped"):
+            a = metrics["cells"][m][c]
+            for k in ("paper_contains_em", "paper_f1", "paper_bleu1", "normalized_em", "normalized_f1",
+                      "closed_accuracy", "open_recall"):
+                cell = fmt_ci(a[k], a["ci"][k])
+                assert cell in md and cell in page
+    # two_stage on true: closed 5 of 5 right, e.g. normalized_em = 6/8 ('ct scan' and 'effusion' miss)
+    assert f"{metrics['cells']['two_stage']['true']['normalized_em']:.3f}" == "0.750"
+    assert "| two_stage | true | 8 |" in md
+    # breakdowns, reliance, abstention, paired tests, leakage, provenance
+    assert "By answer_type" in md and "By question_type" in md
+    assert "| base | true | ORGAN | 1 |" in md
+    assert "Image reliance" in md and "| two_stage | normalized_em |" in md
+    assert "Med-HALT" in md and "The medhalt condition was not run." in md
+    assert "two_stage_vs_base" in md
+    assert "## Leakage" in md and "phantom data" in md and "disjoint" in md
+    assert COMMIT in md and COMMIT in page
+    assert "tiny-run-abc123" in md and "Report generated:" in md
+    assert "stage2:" in md and "../config.yaml" in md  # config embedded and linked
+    assert "Human evaluation" in md and "human-export" in md
+
+
+def test_human_export_only_open_questions(run_dir, tmp_path):
+    csv = tmp_path / "human" / "to_score.csv"
+    df = export_human_eval(run_dir, csv, resolve_images=False)
+    assert csv.exists()
+    back = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    assert list(back.columns) == ["model", "condition", "question_id", "question", "true_answer",
+                                  "predicted_answer", "image_id_shown", "image_path", "clinician_score"]
+    # non-yes/no questions: q2, q3 ('left', closed but not yes/no), q4, q6; 4 cells
+    assert set(back["question_id"]) == {"q2", "q3", "q4", "q6"}
+    assert len(back) == 16 == len(df)
+    assert not set(back["true_answer"]) & {"yes", "no"}
+    assert (back["clinician_score"] == "").all()
+    row = back[(back.model == "base") & (back.condition == "swapped") & (back.question_id == "q2")].iloc[0]
+    assert row["predicted_answer"] == "brain" and row["image_id_shown"] == "img3"
+    assert row["question"] == "What organ is shown?"
+
+
+def test_human_export_resolves_phantom_images(tmp_path):
+    """The test images of a phantom run are regenerated and written next to the CSV (relative paths); an id that
+    is not a test image is left empty."""
+    from medvqa.evaluate import heldout_records
+
+    run = make_run(tmp_path / "r")
+    test = heldout_records(load_config("tiny").stage2.data, limit=4)
+    path = cell_path(run / "eval", "base", "true")
+    df = pd.read_parquet(path)
+    df.loc[df.question_id == "q2", "image_id_shown"] = test[0]["image_id"]
+    _write_cell(df, path)
+    csv = tmp_path / "h" / "h.csv"
+    out = export_human_eval(run, csv, resolve_images=True)
+    row = out[(out.model == "base") & (out.condition == "true") & (out.question_id == "q2")].iloc[0]
+    assert row["image_path"].startswith("human_images/")
+    assert (csv.parent / row["image_path"]).read_bytes() == bytes(test[0]["image"])
+    assert (out[out.image_id_shown != test[0]["image_id"]]["image_path"] == "").all()
+
+
+def test_human_merge_and_report_table(run_dir, tmp_path):
+    csv = tmp_path / "h.csv"
+    export_human_eval(run_dir, csv, resolve_images=False)
+    df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    df["clinician_score"] = ["5" if m == "two_stage" else "1" for m in df["model"]]
+    df.loc[0, "clinician_score"] = ""  # blank = not judged
+    filled = tmp_path / "filled.csv"
+    df.to_csv(filled, index=False)
+    summary = merge_human_eval(run_dir, filled)
+    assert summary["two_stage"]["true"] == {"mean": 5.0, "n": 4, "ci": [5.0, 5.0]}
+    assert summary["base"]["true"]["n"] + summary["base"]["swapped"]["n"] == 7
+    assert (run_dir / "report" / "human_eval.csv").exists()
+    md = Path(build_report(run_dir)["markdown"]).read_text()
+    assert "Human evaluation (clinician scores" in md
+    assert "| two_stage | true | 5.00 [5.00, 5.00] | 4 |" in md
+
+
+def test_human_merge_rejects_bad_scores(run_dir, tmp_path):
+    csv = tmp_path / "h.csv"
+    export_human_eval(run_dir, csv, resolve_images=False)
+    df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    df["clinician_score"] = "3"
+    df.loc[2, "clinician_score"] = "7"
+    df.loc[5, "clinician_score"] = "good"
+    bad = tmp_path / "bad.csv"
+    df.to_csv(bad, index=False)
+    with pytest.raises(HumanEvalError) as e:
+        merge_human_eval(run_dir, bad)
+    msg = str(e.value)
+    assert "row 4" in msg and "'7'" in msg and "row 7" in msg and "'good'" in msg
+    assert f"{df.loc[2, 'model']}/{df.loc[2, 'condition']}/{df.loc[2, 'question_id']}" in msg
+    assert not (run_dir / "report" / "human_eval.csv").exists()
+    # no score at all, duplicates, missing column
+    df["clinician_score"] = ""
+    df.to_csv(bad, index=False)
+    with pytest.raises(HumanEvalError, match="no clinician_score"):
+        merge_human_eval(run_dir, bad)
+    pd.concat([df, df.iloc[:1]]).to_csv(bad, index=False)
+    with pytest.raises(HumanEvalError, match="duplicate"):
+        read_human_eval(bad)
+    df.drop(columns=["clinician_score"]).to_csv(bad, index=False)
+    with pytest.raises(HumanEvalError, match="missing column"):
+        read_human_eval(bad)
+
+
+def _fake_vqa_rad(folder: Path) -> None:
+    from data_fixtures import image_bytes
+
+    from medvqa.data.adapters import VQA_RAD_IMAGES, VQA_RAD_JSON
+
+    (folder / VQA_RAD_IMAGES).mkdir(parents=True)
+    for i in range(3):
+        (folder / VQA_RAD_IMAGES / f"img{i}.jpg").write_bytes(image_bytes(seed=i))
+    items = [  # img0 in train and test: 1 of 2 test questions leaks its image
+        {"qid": 1, "image_name": "img0.jpg", "question": "Is there a mass?", "answer": "yes",
+         "answer_type": "CLOSED", "question_type": "PRES", "phrase_type": "freeform", "image_organ": "CHEST"},
+        {"qid": 2, "image_name": "img1.jpg", "question": "What organ is shown?", "answer": "brain",
+         "answer_type": "OPEN", "question_type": "ORGAN", "phrase_type": "freeform", "image_organ": "HEAD"},
+        {"qid": 3, "image_name": "img0.jpg", "question": "Where is the mass?", "answer": "left lung",
+         "answer_type": "OPEN", "question_type": "POS", "phrase_type": "test_freeform", "image_organ": "CHEST"},
+        {"qid": 4, "image_name": "img2.jpg", "question": "Is this a CT?", "answer": "no",
+         "answer_type": "CLOSED", "question_type": "MODALITY", "phrase_type": "test_freeform",
+         "image_organ": "ABD"},
+    ]
+    (folder / VQA_RAD_JSON).write_text(json.dumps(items))
+
+
+def test_leakage_section_vqa_rad_audit(tmp_path):
+    data = tmp_path / "vqa_rad"
+    _fake_vqa_rad(data)
+    run = make_run(tmp_path / "runs", kind="vqa_rad", data_path=str(data))
+    md = Path(build_report(run)["markdown"]).read_text()
+    section = md.split("## Leakage", 1)[1].split("\n## ", 1)[0]
+    assert "VQA-RAD (vqa_rad, official split)" in section
+    assert "1 of 2 test questions (50.0%) have their image in train" in section
+    assert "Split audit: train (2 questions) vs test (2 questions)" in section
+
+
+def test_leakage_section_never_omitted(tmp_path):
+    run = make_run(tmp_path, kind="vqa_rad", data_path=str(tmp_path / "missing"))
+    md = Path(build_report(run)["markdown"]).read_text()
+    section = md.split("## Leakage", 1)[1].split("\n## ", 1)[0]
+    assert "could not be computed" in section and "medvqa data audit" in section
+
+
+def test_report_without_metrics_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="medvqa eval"):
+        build_report(tmp_path)
+
+
+def test_cli_report_and_human(run_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from medvqa.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["report", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    assert (run_dir / "report" / "report.html").exists()
+    csv = tmp_path / "h.csv"
+    res = runner.invoke(app, ["human-export", str(run_dir), str(csv), "--no-images"])
+    assert res.exit_code == 0, res.output
+    assert "16 rows" in res.output
+    df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    df["clinician_score"] = "9"
+    df.to_csv(csv, index=False)
+    res = runner.invoke(app, ["human-merge", str(run_dir), str(csv)])
+    assert res.exit_code == 2
+    df["clinician_score"] = "4"
+    df.to_csv(csv, index=False)
+    res = runner.invoke(app, ["human-merge", str(run_dir), str(csv)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["base"]["true"]["mean"] == 4.0
