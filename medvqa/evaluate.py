@@ -49,6 +49,7 @@ from medvqa.metrics import (
     paired_bootstrap,
     score_rows,
 )
+from medvqa.score import json_ready
 
 log = logging.getLogger(__name__)
 
@@ -266,19 +267,6 @@ def model_adapters(cfg: Config, name: str, run_dir: str | os.PathLike | None) ->
 # ------------------------------------------------------------------------------------------------ metrics
 
 
-def _clean(obj: Any) -> Any:
-    """JSON-ready: NaN -> None, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
-
-
 def image_reliance(true_scored: pd.DataFrame, swapped_scored: pd.DataFrame, n_boot: int = 1000,
                    seed: int = 0) -> dict:
     """Per-question drop true → swapped (score with the true image minus score with another image), per metric:
@@ -394,7 +382,7 @@ def run_matrix(cfg: Config | Mapping, models: Mapping[str, str | os.PathLike | N
         "decoding": {"do_sample": False, "num_beams": 1, "max_new_tokens": max_new_tokens},
         "model": to_dict(cfg)["model"], "medhalt_path": medhalt_path, "medhalt_limit": medhalt_limit,
     }
-    metrics = _clean(metrics)
+    metrics = json_ready(metrics)
     path = out_dir / "metrics.json"
     write_json(path, metrics)
     return {"metrics": metrics, "predicted": predicted, "skipped": skipped, "metrics_path": str(path)}

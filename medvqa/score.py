@@ -130,12 +130,12 @@ def load_predictions(path: str | Path, columns: Mapping[str, str] | None = None)
     return out[first + [c for c in out.columns if c not in first]].reset_index(drop=True)
 
 
-def _clean(obj: Any) -> Any:
+def json_ready(obj: Any) -> Any:
     """JSON-ready: numpy scalars -> Python, NaN/inf -> None."""
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_ready(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_ready(v) for v in obj]
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -157,7 +157,7 @@ def score_file(path: str | Path, columns: Mapping[str, str] | None = None, n_boo
     """
     df = load_predictions(path, columns)
     res = aggregate(score_rows(df, extract=extract), n_boot=n_boot, seed=seed, alpha=alpha)
-    return _clean({"source": str(path), "extract": extract, **res})
+    return json_ready({"source": str(path), "extract": extract, **res})
 
 
 def _check_aligned(a: pd.DataFrame, b: pd.DataFrame, pa: Path, pb: Path) -> None:
@@ -197,7 +197,7 @@ def compare_files(a: str | Path, b: str | Path, columns: Mapping[str, str] | Non
         if m in BINARY_METRICS:
             t["mcnemar"] = mcnemar(va, vb)
         tests[m] = t
-    return _clean({
+    return json_ready({
         "n": len(sa), "n_boot": n_boot, "seed": seed, "ci_level": 1 - alpha,
         "a": {"source": str(pa), "extract": extract, **aggregate(sa, n_boot=n_boot, seed=seed, alpha=alpha)},
         "b": {"source": str(pb), "extract": extract, **aggregate(sb, n_boot=n_boot, seed=seed, alpha=alpha)},

@@ -2,7 +2,6 @@
 cells, and one local-Ray run of base + a tiny trained adapter over true/swapped/expert."""
 
 import json
-import tempfile
 
 import pandas as pd
 import pytest
@@ -129,17 +128,6 @@ def test_existing_cells_are_skipped_and_scored(records, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- integration
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    # A short temp dir: Ray's unix sockets live under it and socket paths are limited to ~107 characters.
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

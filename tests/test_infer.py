@@ -1,7 +1,6 @@
 """Batch prediction: left padding, batch-invariant greedy answers, new tokens only, base and adapter models through
 one function, and Predictor actors on a local Ray giving the in-process answers."""
 
-import tempfile
 
 import numpy as np
 import pytest
@@ -151,17 +150,6 @@ def test_predictor_call_passes_columns_through(cfg, rows):
 
 
 # ------------------------------------------------------------------------------------------------- integration
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    # A short temp dir: Ray's unix sockets live under it and socket paths are limited to ~107 characters.
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.integration

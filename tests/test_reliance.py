@@ -13,7 +13,6 @@ not learn image-dependent answers (true 0.19 vs swapped 0.21 normalized EM). The
 with that reason; the swap-hygiene and learning checks are real.
 """
 
-import tempfile
 
 import pandas as pd
 import pytest
@@ -30,17 +29,6 @@ TRAIN = ["run.checkpoint_every_n_steps=100000", "run.log_every_n_steps=4", "reso
 N_TEST = 48
 CONDITIONS = ["true", "swapped"]
 MARGIN = 0.10  # normalized-EM points the true image must add over a swapped one
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    # A short temp dir: Ray's unix sockets live under it and socket paths are limited to ~107 characters.
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from medvqa.config import dump_yaml, load_config
-from medvqa.evaluate import _clean, _write_cell, cell_path, score_matrix
+from medvqa.evaluate import _write_cell, cell_path, score_matrix
 from medvqa.report import (
     HumanEvalError,
     build_report,
@@ -18,6 +18,7 @@ from medvqa.report import (
     merge_human_eval,
     read_human_eval,
 )
+from medvqa.score import json_ready
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -67,7 +68,7 @@ def make_run(root: Path, kind: str = "phantom", data_path: str = "") -> Path:
     metrics = score_matrix(out, ["base", "two_stage"], ["true", "swapped"], n_boot=200, seed=0)
     metrics["settings"] = {"evaluated": ["base", "two_stage"], "conditions": ["true", "swapped"], "seed": 0,
                            "n_questions": len(QUESTIONS)}
-    (out / "metrics.json").write_text(json.dumps(_clean(metrics)))
+    (out / "metrics.json").write_text(json.dumps(json_ready(metrics)))
     return run
 
 

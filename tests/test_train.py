@@ -23,17 +23,6 @@ FAST = ["stage1.data.num_records=48", "stage1.epochs=2", "stage2.data.num_record
 
 
 @pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    import ray
-
-    # A short temp dir: Ray's unix sockets live under it and socket paths are limited to ~107 characters.
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def two_stage_run(ray_local, tmp_path_factory):
     from medvqa.train import run_two_stage
 
