@@ -24,12 +24,13 @@ def plain_loop(cfg, model_path: str, examples: list[dict]) -> tuple[float, float
     import torch
 
     from medvqa.data.pipeline import cached_processor, collate_fn_for, decode_image, encode_example
+    from medvqa.runs import run_dir_for
     from medvqa.train import _build_scheduler, build_model_for_stage, total_steps
 
     stage = cfg.stage2
     t_start = time.perf_counter()
     torch.manual_seed(cfg.run.seed)
-    model = build_model_for_stage(cfg, "stage2", Path("unused"), use_gpu=False)
+    model = build_model_for_stage(cfg, "stage2", run_dir_for(cfg), use_gpu=False)  # stage 2 from the base
     processor = cached_processor(model_path, False, None)
     collate = collate_fn_for(processor)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -61,8 +62,7 @@ def ray_train(cfg, model_path: str) -> tuple[float, float]:
     from medvqa.train import fit_stage
 
     t0 = time.perf_counter()
-    rd = prepare_run_dir(cfg)
-    run_dir = Path(getattr(rd, "path", rd))
+    run_dir = prepare_run_dir(cfg)
     fit_stage(cfg, "stage2", run_dir, model_path)
     total = time.perf_counter() - t0
     steps = [m for m in read_metrics(run_dir) if m.get("stage") == "stage2" and "loss" in m]

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from medvqa.config import Config, StageConfig, from_dict, to_dict
+from medvqa.runs import RunDir
 
 log = logging.getLogger("medvqa.train")
 
@@ -40,11 +41,11 @@ def total_steps(num_records: int, world_size: int, stage: StageConfig) -> int:
     return min(steps, stage.max_steps) if stage.max_steps else steps
 
 
-def build_model_for_stage(cfg: Config, stage_name: str, run_dir: Path, use_gpu: bool):
+def build_model_for_stage(cfg: Config, stage_name: str, run_dir: RunDir, use_gpu: bool):
     """The trainable model for a stage, following the hand-off policy."""
     from medvqa.model import load_model
 
-    stage1_adapter = run_dir / "adapters" / "stage1"
+    stage1_adapter = run_dir.adapter("stage1")
     if stage_name == "stage2" and cfg.stage1.enabled:
         if not (stage1_adapter / "adapter_config.json").exists():
             raise FileNotFoundError(f"stage 2 needs the stage-1 adapter at {stage1_adapter}")
@@ -73,7 +74,7 @@ def train_fn_per_worker(config: dict) -> None:
     cfg: Config = from_dict(config["cfg"])
     stage_name: str = config["stage"]
     stage: StageConfig = getattr(cfg, stage_name)
-    run_dir = Path(config["run_dir"])
+    run_dir = RunDir(Path(config["run_dir"]))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = cfg.resources.use_gpu and torch.cuda.is_available()
@@ -180,8 +181,8 @@ def train_fn_per_worker(config: dict) -> None:
         skip_micro = 0
 
     if rank == 0:
-        save_adapter(model, run_dir / "adapters" / stage_name)
-        log.info("[%s] finished at step %d; adapter saved to %s", stage_name, step, run_dir / "adapters" / stage_name)
+        save_adapter(model, run_dir.adapter(stage_name))
+        log.info("[%s] finished at step %d; adapter saved to %s", stage_name, step, run_dir.adapter(stage_name))
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -205,7 +206,7 @@ def init_ray(cfg: Config, temp_dir: str | None = None) -> None:
     log.info("Ray %s: %s", ray.__version__, ray.cluster_resources())
 
 
-def fit_stage(cfg: Config, stage_name: str, run_dir: Path, model_path: str) -> dict:
+def fit_stage(cfg: Config, stage_name: str, run_dir: RunDir, model_path: str) -> dict:
     """Prepare a stage's data and train it with a TorchTrainer; returns the stage summary."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -213,22 +214,22 @@ def fit_stage(cfg: Config, stage_name: str, run_dir: Path, model_path: str) -> d
     from medvqa.data.pipeline import prepare_records, training_dataset
 
     stage: StageConfig = getattr(cfg, stage_name)
-    manifest = prepare_records(stage.data, run_dir / "data" / stage_name, run_dir / "rejects" / stage_name,
+    manifest = prepare_records(stage.data, run_dir.data(stage_name), run_dir.rejects(stage_name),
                                cfg.resources, cfg.run.max_reject_fraction)
     log.info("[%s] data: %d valid, %d rejected (%s)", stage_name, manifest["valid"], manifest["rejected"],
              manifest["reject_reasons"] or "no rejects")
-    ds = training_dataset(run_dir / "data" / stage_name, stage, model_path, cfg.resources,
+    ds = training_dataset(run_dir.data(stage_name), stage, model_path, cfg.resources,
                           cfg.model.do_image_splitting, cfg.model.longest_edge, cfg.run.seed)
     r = cfg.resources
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "stage": stage_name, "run_dir": str(run_dir),
+        train_loop_config={"cfg": to_dict(cfg), "stage": stage_name, "run_dir": str(run_dir.path),
                            "num_records": manifest["valid"]},
         scaling_config=ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                                resources_per_worker={"CPU": r.cpus_per_worker,
                                                                      **({"GPU": 1} if r.use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=stage_name, storage_path=str((run_dir / "checkpoints").resolve()),
+            name=stage_name, storage_path=str(run_dir.checkpoints()),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets={"train": ds})
@@ -246,29 +247,26 @@ def run_two_stage(cfg: Config, ray_temp_dir: str | None = None) -> Path:
     from medvqa.runs import append_metrics, prepare_run_dir, write_json
 
     rd = prepare_run_dir(cfg)
-    run_dir = Path(rd.path) if hasattr(rd, "path") else Path(rd)
-    log.info("run dir: %s", run_dir)
+    log.info("run dir: %s", rd.path)
     model_path = resolve_model_path(cfg.model)  # builds the tiny model once, before workers race for it
     init_ray(cfg, ray_temp_dir)
     summaries = []
     for stage_name, _ in cfg.stages():
-        adapter = run_dir / "adapters" / stage_name
-        if (adapter / "adapter_config.json").exists():
-            log.info("[%s] already finished (%s): skipping", stage_name, adapter)
+        if (rd.adapter(stage_name) / "adapter_config.json").exists():
+            log.info("[%s] already finished (%s): skipping", stage_name, rd.adapter(stage_name))
             continue
-        append_metrics(run_dir, {"stage": stage_name, "event": "start"})
-        summary = fit_stage(cfg, stage_name, run_dir, model_path)
-        append_metrics(run_dir, {"stage": stage_name, "event": "end", "seconds": summary["seconds"]})
+        append_metrics(rd, {"stage": stage_name, "event": "start"})
+        summary = fit_stage(cfg, stage_name, rd, model_path)
+        append_metrics(rd, {"stage": stage_name, "event": "end", "seconds": summary["seconds"]})
         summaries.append(summary)
-    stages_file = run_dir / "stages.json"
-    previous = json.loads(stages_file.read_text()) if stages_file.exists() else []
-    write_json(stages_file, previous + summaries)
+    previous = json.loads(rd.stages_summary.read_text()) if rd.stages_summary.exists() else []
+    write_json(rd.stages_summary, previous + summaries)
     # One data manifest for the run: per stage, what was read, kept and rejected (and where the rejects are).
-    write_json(run_dir / "manifest.json", {name: json.loads((run_dir / "data" / name / "manifest.json").read_text())
-                                           for name, _ in cfg.stages()})
+    write_json(rd.manifest, {name: json.loads((rd.data(name) / "manifest.json").read_text())
+                             for name, _ in cfg.stages()})
     if cfg.run.evaluate:
         from medvqa.evaluate import evaluate_run
 
-        evaluate_run(run_dir)
-    log.info("done: %s", run_dir)
-    return run_dir
+        evaluate_run(rd.path)
+    log.info("done: %s", rd.path)
+    return rd.path

@@ -24,3 +24,28 @@ def ray_local():
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield
     ray.shutdown()
+
+
+def train_tiny_adapter(cfg, processor, steps: int, lr: float = 3e-2):
+    """A fresh LoRA trained in-process for ``steps`` full-batch AdamW steps on 8 phantom answers (stage-2 prompt);
+    returns (model, losses)."""
+    import torch
+
+    from medvqa.data.phantoms import phantom_records
+    from medvqa.data.pipeline import collate_fn_for, decode_image, encode_example
+    from medvqa.model import load_model
+
+    torch.manual_seed(0)
+    model = load_model(cfg)
+    encoded = [encode_example(processor, decode_image(r["image"]), cfg.stage2.prompt, r["prompt"], r["target"], 160)
+               for r in phantom_records("vqa", 8, seed=1)]
+    batch = collate_fn_for(processor)({k: [e[k] for e in encoded] for k in encoded[0]})
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model, losses

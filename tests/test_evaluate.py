@@ -133,27 +133,15 @@ def test_existing_cells_are_skipped_and_scored(records, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, tmp_path_factory):
     """A run directory with config.yaml and a LoRA trained for a few steps as adapters/stage2."""
-    import torch
+    from conftest import train_tiny_adapter
 
     from medvqa.config import dump_yaml, load_config
-    from medvqa.data.pipeline import collate_fn_for, decode_image, encode_example
-    from medvqa.model import load_model, load_processor, save_adapter
+    from medvqa.model import load_processor, save_adapter
 
     cfg = load_config("tiny", [f"model.name_or_path={tiny_model_dir}", "resources.num_cpus=2"])
     run_dir = tmp_path_factory.mktemp("run")
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    processor = load_processor(cfg.model)
-    torch.manual_seed(0)
-    model = load_model(cfg)
-    recs = phantom_records("vqa", 8, seed=1)
-    encoded = [encode_example(processor, decode_image(r["image"]), INSTRUCTION, r["prompt"], r["target"], 160)
-               for r in recs]
-    batch = collate_fn_for(processor)({k: [e[k] for e in encoded] for k in encoded[0]})
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    for _ in range(4):
-        opt.zero_grad()
-        model(**batch).loss.backward()
-        opt.step()
+    model, _ = train_tiny_adapter(cfg, load_processor(cfg.model), steps=4)
     save_adapter(model, run_dir / "adapters" / "stage2")
     return cfg, run_dir
 

@@ -101,22 +101,11 @@ def test_only_new_tokens_are_decoded(base_model, processor, rows):
 @pytest.fixture(scope="module")
 def trained_adapter(cfg, processor, tmp_path_factory):
     """A LoRA trained for a few steps on phantom answers and saved like a run's adapters/stage2."""
-    from medvqa.model import load_model, save_adapter
+    from conftest import train_tiny_adapter
 
-    torch.manual_seed(0)
-    model = load_model(cfg)
-    recs = phantom_records("vqa", 8, seed=1)
-    encoded = [encode_example(processor, decode_image(r["image"]), INSTRUCTION, r["prompt"], r["target"], 160)
-               for r in recs]
-    batch = collate_fn_for(processor)({k: [e[k] for e in encoded] for k in encoded[0]})
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    losses = []
-    for _ in range(6):
-        opt.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    from medvqa.model import save_adapter
+
+    model, losses = train_tiny_adapter(cfg, processor, steps=6)
     assert losses[-1] < losses[0]
     return save_adapter(model, tmp_path_factory.mktemp("adapters") / "stage2")
 
