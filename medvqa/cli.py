@@ -16,6 +16,8 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Medical VQA fine-tuning and evaluation on Ray.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and audit data sources.")
 app.add_typer(data_app, name="data")
+sweep_app = typer.Typer(no_args_is_help=True, help="Ray Tune + Optuna sweeps (search spaces under tune/).")
+app.add_typer(sweep_app, name="sweep")
 
 
 def setup_logging() -> None:
@@ -239,6 +241,48 @@ def human_merge(run_dir: str = typer.Argument(..., help="Run directory."),
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     typer.echo(json.dumps(summary, indent=2))
+
+
+@sweep_app.command("run")
+def sweep_run(overrides: Optional[List[str]] = typer.Argument(None, help="Dotted config overrides for every trial, "
+                                                              "e.g. stage1.data.path=/data/roco"),
+              preset: str = typer.Option("tiny", help="Search space: tune/<preset>.yaml, or a YAML path."),
+              num_samples: Optional[int] = typer.Option(None, help="Trials (default: the space's num_samples)."),
+              max_concurrent: Optional[int] = typer.Option(None, help="Trials at once (default: the space's, or "
+                                                                      "derived from the cluster's GPUs/CPUs)."),
+              report: bool = typer.Option(True, help="Write the sweep report at the end.")) -> None:
+    """Run a sweep; the same command continues an interrupted one (same as `python tune/sweep.py`)."""
+    from medvqa.config import ConfigError
+    from medvqa.sweep import load_space, space_path
+
+    changes = {k: v for k, v in (("num_samples", num_samples), ("max_concurrent", max_concurrent)) if v is not None}
+    try:
+        if overrides:
+            import yaml
+
+            base = yaml.safe_load(space_path(preset).read_text()) or {}
+            changes["overrides"] = list(base.get("overrides") or []) + list(overrides)
+        space = load_space(preset, changes)
+    except ConfigError as e:
+        typer.echo(f"config error: {e}", err=True)
+        raise typer.Exit(2)
+    setup_logging()
+    from medvqa.sweep import run_sweep
+
+    typer.echo(f"sweep dir: {run_sweep(space, report=report)}")
+
+
+@sweep_app.command("report")
+def sweep_report(sweep_dir: str = typer.Argument(..., help="Sweep directory (sweeps/<name>-<hash>).")) -> None:
+    """Write SWEEP_DIR/report/: trials.csv, report.md/.html, curve.png, importance, best.yaml (a preset)."""
+    from medvqa.sweep_report import write_report
+
+    try:
+        out = write_report(sweep_dir)
+    except (FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,10 @@ class DataConfig:
     limit: Optional[int] = doc(None, "Use only the first N records after a seeded shuffle (ROCO subset size).")
     num_records: int = doc(256, "Phantom records to generate.")
     seed: int = doc(0, "Seed for phantoms and subset sampling.")
+    validation_fraction: float = doc(0.0, "Carve about this fraction of the split's images out as a validation set "
+                                          "(image-disjoint: every question of an image falls on one side; seeded by "
+                                          "data.seed); training uses the rest. Sweeps score trials on it, never on "
+                                          "the test split.")
 
 
 @dataclass
@@ -94,6 +98,9 @@ class StageConfig:
     weight_decay: float = doc(0.01, "AdamW weight decay.")
     max_grad_norm: float = doc(1.0, "Gradient clipping norm (0 disables).")
     max_length: int = doc(512, "Truncate token sequences to this many tokens (answers are never cut mid-prompt).")
+    validate_every_n_steps: Optional[int] = doc(None, "With data.validation_fraction > 0: answer and score the "
+                                                      "validation questions every N optimizer steps (None: at the "
+                                                      "end of every epoch) and at the end; reported as val_* metrics.")
 
 
 @dataclass
@@ -245,6 +252,12 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{name}.lr: must be > 0")
         if stage.epochs <= 0 and not stage.max_steps:
             raise ConfigError(f"{name}.epochs: must be > 0 (or set {name}.max_steps)")
+        if not 0 <= stage.data.validation_fraction < 1:
+            raise ConfigError(f"{name}.data.validation_fraction: must be in [0, 1)")
+        if stage.data.validation_fraction and stage.task != "vqa":
+            raise ConfigError(f"{name}.data.validation_fraction: validation scores answers, so it needs task=vqa")
+        if stage.validate_every_n_steps is not None and stage.validate_every_n_steps < 1:
+            raise ConfigError(f"{name}.validate_every_n_steps: must be >= 1 (or null for every epoch)")
         if stage.data.kind != "phantom" and not stage.data.path:
             raise ConfigError(f"{name}.data.path: required for data.kind={stage.data.kind!r}")
     if cfg.lora.r < 1:

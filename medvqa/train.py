@@ -61,8 +61,51 @@ def _build_scheduler(optimizer, stage: StageConfig, num_steps: int):
                          num_training_steps=num_steps)
 
 
+VALIDATION_METRICS = ("normalized_em", "normalized_f1", "paper_contains_em", "paper_f1", "closed_accuracy",
+                      "open_recall")
+VALIDATION_MAX_NEW_TOKENS = 16  # as the evaluation matrix: VQA answers are a few words
+
+
+def validation_stage_name(stage_name: str) -> str:
+    """Folder name (under data/ and rejects/) of a stage's carved validation records."""
+    return f"{stage_name}_validation"
+
+
+def validation_metrics(model, processor, rows: list[dict], instruction: str, batch_size: int = 16,
+                       seed: int = 0) -> dict:
+    """Answer the validation ``rows`` (SCHEMA records) greedily and score them with the evaluation code
+    (``medvqa.infer.generate_answers`` + ``medvqa.metrics``): ``val_<metric>`` means and their 95% bootstrap CIs
+    (``val_<metric>_ci``), plus ``val_n``. The model is put back in train mode afterwards."""
+    from medvqa.infer import generate_answers
+    from medvqa.metrics import aggregate, score_rows
+
+    was_training = model.training
+    model.eval()
+    try:
+        answers = [a for i in range(0, len(rows), batch_size)
+                   for a in generate_answers(model, processor, rows[i:i + batch_size], instruction,
+                                             max_new_tokens=VALIDATION_MAX_NEW_TOKENS)]
+    finally:
+        model.train(was_training)
+    scored = score_rows([{"true_answer": r["target"], "predicted_answer": a["answer"],
+                          "answer_type": r["answer_type"]} for r, a in zip(rows, answers)])
+    summary = aggregate(scored, n_boot=500, seed=seed, by=())
+    out: dict = {"val_n": summary["n"]}
+    for m in VALIDATION_METRICS:
+        out[f"val_{m}"] = summary[m]
+        out[f"val_{m}_ci"] = summary["ci"][m]
+    return out
+
+
+def _read_records(folder: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return [row for f in sorted(folder.glob("*.parquet")) for row in pq.read_table(f).to_pylist()]
+
+
 def train_fn_per_worker(config: dict) -> None:
-    """Ray Train worker loop. ``config``: ``cfg`` (Config as dict), ``stage``, ``run_dir``, ``num_records``."""
+    """Ray Train worker loop. ``config``: ``cfg`` (Config as dict), ``stage``, ``run_dir``, ``num_records`` and,
+    when the stage carves a validation set, ``validation_dir`` (its prepared records)."""
     import torch
     import ray.train
     from ray.train import Checkpoint
@@ -113,6 +156,10 @@ def train_fn_per_worker(config: dict) -> None:
     autocast_dtype = torch.bfloat16 if use_gpu else None  # bf16 autocast on GPU; CPU trains in fp32
     shard = ray.train.get_dataset_shard("train")
     steps_epoch = steps_per_epoch(config["num_records"], world, stage)
+    validation_rows = _read_records(Path(config["validation_dir"])) if config.get("validation_dir") else []
+    validate_every = stage.validate_every_n_steps or steps_epoch
+    # Validation rounds are numbered from the step, so a resumed stage continues the count (Tune's ASHA compares
+    # trials at equal rounds).
     model.train()
 
     def save_checkpoint(micro_in_epoch: int, metrics: dict) -> None:
@@ -170,7 +217,22 @@ def train_fn_per_worker(config: dict) -> None:
             # ray.train.report blocks until the Train controller polls the worker (every 2 s by default), so metrics
             # go to Ray (the dashboard's Train view) only with checkpoints; every logged step goes to the job log and
             # metrics.jsonl.
-            if step % cfg.run.checkpoint_every_n_steps == 0 or step == num_steps:
+            validate = validation_rows and (step % validate_every == 0 or step == num_steps)
+            if validate:
+                val = {}
+                if rank == 0:
+                    t_val = time.perf_counter()
+                    val = validation_metrics(model, processor, validation_rows, stage.prompt, seed=cfg.run.seed)
+                    val.update({"stage": stage_name, "step": step, "total_steps": num_steps, "event": "validation",
+                                "val_round": math.ceil(step / validate_every), "val_final": step == num_steps,
+                                "val_seconds": round(time.perf_counter() - t_val, 2)})
+                    append_metrics(run_dir, val)
+                    log.info("[%s] step %d validation (%d questions, %.1f s): normalized EM %.3f, F1 %.3f",
+                             stage_name, step, val["val_n"], val["val_seconds"], val["val_normalized_em"],
+                             val["val_normalized_f1"])
+                t_window = time.perf_counter()  # generation time is not training throughput
+                save_checkpoint(micro, {**last, **val})
+            elif step % cfg.run.checkpoint_every_n_steps == 0 or step == num_steps:
                 save_checkpoint(micro, last or {"stage": stage_name, "step": step})
             if step >= num_steps or end_of_epoch:
                 break
@@ -206,8 +268,9 @@ def init_ray(cfg: Config, temp_dir: str | None = None) -> None:
     log.info("Ray %s: %s", ray.__version__, ray.cluster_resources())
 
 
-def fit_stage(cfg: Config, stage_name: str, run_dir: RunDir, model_path: str) -> dict:
-    """Prepare a stage's data and train it with a TorchTrainer; returns the stage summary."""
+def fit_stage(cfg: Config, stage_name: str, run_dir: RunDir, model_path: str, callbacks: list | None = None) -> dict:
+    """Prepare a stage's data (and its carved validation set) and train it with a TorchTrainer; returns the stage
+    summary. ``callbacks``: Ray Train ``UserCallback``s (a sweep passes one that forwards reports to Tune)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -218,20 +281,31 @@ def fit_stage(cfg: Config, stage_name: str, run_dir: RunDir, model_path: str) ->
                                cfg.resources, cfg.run.max_reject_fraction)
     log.info("[%s] data: %d valid, %d rejected (%s)", stage_name, manifest["valid"], manifest["rejected"],
              manifest["reject_reasons"] or "no rejects")
+    loop_config = {"cfg": to_dict(cfg), "stage": stage_name, "run_dir": str(run_dir.path),
+                   "num_records": manifest["valid"]}
+    if stage.data.validation_fraction:
+        val_name = validation_stage_name(stage_name)
+        val_manifest = prepare_records(stage.data, run_dir.data(val_name), run_dir.rejects(val_name), cfg.resources,
+                                       cfg.run.max_reject_fraction, part="validation")
+        if not val_manifest["valid"]:
+            raise ValueError(f"[{stage_name}] data.validation_fraction={stage.data.validation_fraction} carved no "
+                             f"validation images out of {manifest['unique_images']}; raise the fraction")
+        log.info("[%s] validation: %d questions on %d images, image-disjoint from the %d training records",
+                 stage_name, val_manifest["valid"], val_manifest["unique_images"], manifest["valid"])
+        loop_config["validation_dir"] = str(run_dir.data(val_name))
     ds = training_dataset(run_dir.data(stage_name), stage, model_path, cfg.resources,
                           cfg.model.do_image_splitting, cfg.model.longest_edge, cfg.run.seed)
     r = cfg.resources
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "stage": stage_name, "run_dir": str(run_dir.path),
-                           "num_records": manifest["valid"]},
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                                resources_per_worker={"CPU": r.cpus_per_worker,
                                                                      **({"GPU": 1} if r.use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=stage_name, storage_path=str(run_dir.checkpoints()),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks),
         datasets={"train": ds})
     t0 = time.perf_counter()
     result = trainer.fit()
@@ -241,8 +315,9 @@ def fit_stage(cfg: Config, stage_name: str, run_dir: RunDir, model_path: str) ->
     return summary
 
 
-def run_two_stage(cfg: Config, ray_temp_dir: str | None = None) -> Path:
-    """The main job: both stages (or the enabled one), ending in a self-describing run directory."""
+def run_two_stage(cfg: Config, ray_temp_dir: str | None = None, callbacks: list | None = None) -> Path:
+    """The main job: both stages (or the enabled one), ending in a self-describing run directory. ``callbacks`` go
+    to every stage's TorchTrainer."""
     from medvqa.model import resolve_model_path
     from medvqa.runs import append_metrics, prepare_run_dir, write_json
 
@@ -256,7 +331,7 @@ def run_two_stage(cfg: Config, ray_temp_dir: str | None = None) -> Path:
             log.info("[%s] already finished (%s): skipping", stage_name, rd.adapter(stage_name))
             continue
         append_metrics(rd, {"stage": stage_name, "event": "start"})
-        summary = fit_stage(cfg, stage_name, rd, model_path)
+        summary = fit_stage(cfg, stage_name, rd, model_path, callbacks)
         append_metrics(rd, {"stage": stage_name, "event": "end", "seconds": summary["seconds"]})
         summaries.append(summary)
     previous = json.loads(rd.stages_summary.read_text()) if rd.stages_summary.exists() else []

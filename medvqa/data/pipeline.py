@@ -93,28 +93,53 @@ def raw_datasets(data: DataConfig, parallelism: int = 8):
         raise ValueError(f"data source {data.kind}:{data.path} split={data.split!r} has no records")
 
 
-def _validate_and_split(batch: dict, rejects_dir: str) -> dict:
+def in_validation(image_id: str, fraction: float, seed: int) -> bool:
+    """Whether an image belongs to the validation part carved out of a training split (``data.validation_fraction``).
+
+    A pure function of the image's content hash, so every question about an image lands on the same side (the split
+    is image-disjoint), streaming tasks need no shared state, and the carve is the same in every run with the same
+    seed. The fraction is approximate: each image is in with probability ``fraction``."""
+    if fraction <= 0 or not image_id:
+        return False
+    digest = hashlib.sha1(f"validation:{seed}:{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2.0**64
+
+
+def _validate_and_split(batch: dict, rejects_dir: str | None, part: str = "all", fraction: float = 0.0,
+                        seed: int = 0) -> dict:
     """Validate a batch; write its rejects (without image bytes) to a part file named by the batch's ids, so a
-    retried task overwrites rather than duplicates; return only the valid rows."""
+    retried task overwrites rather than duplicates; return only the valid rows of ``part``: 'all', or with a
+    validation ``fraction`` the 'train' or the 'validation' side of the carve (rejects are written by the 'train'
+    pass only, so each is counted once)."""
     from medvqa.data.records import validate_batch
 
     out = validate_batch(batch)
     reasons = out["reject_reason"]
     bad = [i for i, r in enumerate(reasons) if r]
-    if bad:
+    if bad and rejects_dir is not None:
         key = hashlib.sha1("\n".join(str(out["id"][i]) for i in bad).encode()).hexdigest()[:16]
         with open(Path(rejects_dir) / f"part-{key}.jsonl", "w") as f:
             for i in bad:
                 row = {k: v[i] for k, v in out.items() if k != "image"}
                 f.write(json.dumps(row, default=str) + "\n")
     keep = [i for i, r in enumerate(reasons) if not r]
+    if part != "all":
+        wanted = part == "validation"
+        keep = [i for i in keep if in_validation(out["image_id"][i], fraction, seed) == wanted]
     return {k: [v[i] for i in keep] for k, v in out.items()}
 
 
 def prepare_records(data: DataConfig, out_dir: Path, rejects_dir: Path, resources: ResourcesConfig,
-                    max_reject_fraction: float) -> dict:
+                    max_reject_fraction: float, part: str = "train") -> dict:
     """Validate ``data`` into parquet at ``out_dir``; return (and write) the manifest. Idempotent: reuses a finished
-    ``out_dir`` (its manifest.json is written last)."""
+    ``out_dir`` (its manifest.json is written last). With ``data.validation_fraction`` > 0, ``part`` picks the
+    training side ('train') or the carved validation side ('validation', which writes no rejects: the training pass
+    counts them); without it every valid record is kept."""
+    if part not in ("train", "validation"):
+        raise ValueError(f"part must be 'train' or 'validation', got {part!r}")
+    if part == "validation" and not data.validation_fraction:
+        raise ValueError("part='validation' needs data.validation_fraction > 0")
+    carve = "all" if not data.validation_fraction else part
     import pyarrow as pa
     import pyarrow.parquet as pq
     from ray.data import TaskPoolStrategy
@@ -134,7 +159,9 @@ def prepare_records(data: DataConfig, out_dir: Path, rejects_dir: Path, resource
         d.mkdir(parents=True)
     for raw in raw_datasets(data):  # write_parquet adds files to out_dir, one chunk after another
         raw.map_batches(
-            _validate_and_split, fn_kwargs={"rejects_dir": str(rejects_dir)}, batch_format="numpy",
+            _validate_and_split, fn_kwargs={"rejects_dir": None if part == "validation" else str(rejects_dir),
+                                            "part": carve, "fraction": data.validation_fraction, "seed": data.seed},
+            batch_format="numpy",
             batch_size=_RAW_CHUNK, num_cpus=resources.data_cpus_per_task,
             compute=TaskPoolStrategy(size=resources.data_concurrency),
         ).write_parquet(str(out_dir), schema=SCHEMA, max_rows_per_file=_ROWS_PER_FILE)
@@ -153,6 +180,7 @@ def prepare_records(data: DataConfig, out_dir: Path, rejects_dir: Path, resource
     reasons = reject_summary(rejects)  # by reason prefix ('missing image'), not per file path
     manifest = {
         "source": data.kind, "path": data.path, "split": data.split, "limit": data.limit, "seed": data.seed,
+        "part": carve, "validation_fraction": data.validation_fraction,
         "total": valid + len(rejects), "valid": valid, "rejected": len(rejects),
         "reject_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
         "rejects_file": str(rejects_file),
@@ -279,7 +307,8 @@ def training_dataset(records_dir: Path, stage: StageConfig, model_path: str, res
     from ray.data import TaskPoolStrategy
 
     configure_data_context(resources)
-    ds = ray.data.read_parquet(str(records_dir), columns=["id", "image", "prompt", "target"])
+    ds = ray.data.read_parquet(str(records_dir), columns=["id", "image", "prompt", "target"],
+                               num_cpus=resources.data_cpus_per_task)
     # The reader bundles small files into one block, and one block is one preprocessing task: re-block (streaming)
     # so the tasks run in parallel.
     ds = ds.repartition(target_num_rows_per_block=_ROWS_PER_BLOCK)

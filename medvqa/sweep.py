@@ -1,0 +1,311 @@
+"""Ray Tune + Optuna sweeps (the study's Figure 3, reproducible): search spaces as YAML, one two-stage run per trial.
+
+A search space (``tune/<preset>.yaml``, loaded by ``load_space``) names a base preset, overrides applied to every
+trial (e.g. the validation carve), the parameters to sample (dotted config keys: ``stage1.data.limit``, ``lora.r``,
+``stage2.lr``), replicate seeds, the metric and the early-stopping rule. ``run_sweep``:
+
+- builds ``Tuner(trial_fn)`` (the current Ray API; ``Tuner(trainer)`` fails under Train V2, GUIDE §5) where each trial
+  is ``medvqa.train.run_two_stage`` with its own ``TorchTrainer`` per stage, in its own run directory
+  ``<sweep_dir>/runs/trial-<trial_id>-<hash>``;
+- samples with ``OptunaSearch`` (seeded TPE) whose study is persisted to ``<sweep_dir>/optuna.db`` (open it with
+  ``optuna-dashboard sqlite:///<sweep_dir>/optuna.db``), under a ``ConcurrencyLimiter`` derived from the cluster's
+  GPUs (or CPUs on a CPU-only cluster);
+- stops poor trials with ASHA on the stage-2 validation metric, reported once per validation round (``val_round``,
+  by default every stage-2 epoch) on a validation split carved from the training split
+  (``stage2.data.validation_fraction``): never the test split;
+- restores: re-running the same command finds ``<sweep_dir>/tune`` and continues it with ``Tuner.restore``; finished
+  trials are not repeated, an interrupted trial resumes from its run directory's checkpoints (finished stages are
+  skipped), and the Optuna state is restored with the searcher (and is in optuna.db either way).
+
+Replicate seeds (``replicates: {run.seed: [0, 1]}``) are sampled like a parameter, so the report can aggregate over
+them and show how much of the variance is seed noise.
+
+``medvqa.sweep_report`` reads the sweep directory (no Ray needed) and writes the report and the best preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medvqa.config import ConfigError, load_config
+from medvqa.runs import RUNS_BASE_ENV, run_dir_for, write_json
+
+log = logging.getLogger("medvqa.sweep")
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "tune"
+PARAM_KINDS = ("values", "loguniform", "uniform", "int")
+TIME_ATTR = "val_round"  # ASHA's clock: validation rounds of stage 2 (one per epoch by default)
+TRIAL_LINK = "medvqa_run.json"  # in each Tune trial folder: the trial's id and run directory
+
+
+@dataclass
+class SweepSpace:
+    """A search space and how to search it (one YAML file under ``tune/``)."""
+
+    name: str
+    preset: str = "tiny"
+    overrides: list = field(default_factory=list)  # dotted config overrides applied to every trial
+    params: dict = field(default_factory=dict)  # key -> {values: [...]} | {loguniform: [lo, hi]} | ...
+    replicates: dict = field(default_factory=dict)  # key -> [values] aggregated over in the report (seeds)
+    metric: str = "val_normalized_f1"
+    mode: str = "max"
+    num_samples: int = 8
+    max_concurrent: int | None = None  # None: from the cluster's GPUs (or CPUs) and the trial's resources
+    seed: int = 0  # TPE sampler seed
+    tpe_startup_trials: int = 4  # random trials before TPE models the space (Optuna's default is 10)
+    asha: dict | None = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2})
+    report: dict = field(default_factory=lambda: {"x": "stage1.data.limit", "line": "lora.r"})
+    output_dir: str = "sweeps"  # relative: under $MEDVQA_RUNS_BASE when set, else the cwd
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def space_path(preset_or_path: str) -> Path:
+    path = Path(preset_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    path = SPACES_DIR / f"{preset_or_path}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+        raise ConfigError(f"no search space {preset_or_path!r} (known in {SPACES_DIR}: {', '.join(known)}; or pass "
+                          "a YAML path)")
+    return path
+
+
+def load_space(preset_or_path: str = "tiny", changes: dict | None = None) -> SweepSpace:
+    """A search space from ``tune/<name>.yaml`` (or a path), with top-level ``changes`` (e.g. num_samples), checked:
+    unknown keys, malformed parameter specs and parameter keys the config does not have are errors naming them."""
+    path = space_path(preset_or_path)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a search space must be a mapping")
+    data = {**data, **(changes or {})}
+    known = {f.name for f in dataclasses.fields(SweepSpace)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown} (known: {', '.join(sorted(known))})")
+    data.setdefault("name", path.stem)
+    space = SweepSpace(**data)
+    validate_space(space, str(path))
+    return space
+
+
+def _check_param(key: str, spec: Any, where: str) -> None:
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in PARAM_KINDS:
+        raise ConfigError(f"{where}: params.{key} must be one of {{values: [...]}}, {{loguniform: [lo, hi]}}, "
+                          f"{{uniform: [lo, hi]}}, {{int: [lo, hi]}}; got {spec!r}")
+    kind, arg = next(iter(spec.items()))
+    if kind == "values":
+        if not isinstance(arg, list) or not arg:
+            raise ConfigError(f"{where}: params.{key}.values must be a non-empty list")
+    elif not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, (int, float)) for v in arg)
+              and arg[0] < arg[1] and (kind != "loguniform" or arg[0] > 0)):
+        raise ConfigError(f"{where}: params.{key}.{kind} must be [lo, hi] with lo < hi (lo > 0 for loguniform)")
+
+
+def _example_value(spec: dict) -> Any:
+    (arg,) = spec.values()
+    return arg[0]
+
+
+def validate_space(space: SweepSpace, where: str = "search space") -> None:
+    if space.mode not in ("max", "min"):
+        raise ConfigError(f"{where}: mode must be 'max' or 'min'")
+    if not space.metric.startswith("val_"):
+        raise ConfigError(f"{where}: metric {space.metric!r}: trials are scored on the carved validation split, so "
+                          "the metric must be one of its val_* metrics (e.g. val_normalized_f1)")
+    if space.num_samples < 1 or (space.max_concurrent is not None and space.max_concurrent < 1):
+        raise ConfigError(f"{where}: num_samples and max_concurrent must be >= 1")
+    if not space.params:
+        raise ConfigError(f"{where}: params is empty: nothing to search")
+    for key, spec in space.params.items():
+        _check_param(key, spec, where)
+    for key, values in space.replicates.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: replicates.{key} must be a non-empty list")
+    overlap = set(space.params) & set(space.replicates)
+    if overlap:
+        raise ConfigError(f"{where}: {sorted(overlap)} both a parameter and a replicate")
+    # Every key must exist in the config, with values of the right type: build one trial's config.
+    example = {k: _example_value(s) for k, s in space.params.items()}
+    example.update({k: v[0] for k, v in space.replicates.items()})
+    cfg = trial_config(space, example)
+    if not cfg.stage2.enabled or cfg.stage2.data.validation_fraction <= 0:
+        raise ConfigError(f"{where}: trials need stage2.data.validation_fraction > 0 (set it in overrides): the "
+                          "sweep scores trials on a validation split carved from stage-2 training data")
+    if space.asha is not None:
+        unknown = set(space.asha) - {"grace_period", "reduction_factor", "max_t"}
+        if unknown:
+            raise ConfigError(f"{where}: asha: unknown key(s) {sorted(unknown)}")
+        if cfg.stage2.validate_every_n_steps is not None and "max_t" not in space.asha:
+            raise ConfigError(f"{where}: with stage2.validate_every_n_steps set, give asha.max_t (validation rounds "
+                              "in a full trial)")
+    for role in ("x", "line"):
+        key = space.report.get(role)
+        if key is not None and key not in space.params:
+            raise ConfigError(f"{where}: report.{role}={key!r} is not a searched parameter")
+
+
+def trial_config(space: SweepSpace, params: dict, trial_name: str = "trial", output_dir: str | None = None):
+    """The Config of one trial: base preset -> space overrides -> sampled parameters -> run name/location."""
+    sampled = [f"{k}={json.dumps(v)}" for k, v in params.items()]
+    extra = [f"run.name={trial_name}", "run.evaluate=false"]
+    if output_dir:
+        extra.append(f"run.output_dir={output_dir}")
+    return load_config(space.preset, list(space.overrides) + sampled + extra)
+
+
+def asha_max_t(space: SweepSpace) -> int:
+    """Validation rounds in a full trial: one per stage-2 epoch unless ``asha.max_t`` says otherwise."""
+    if space.asha and "max_t" in space.asha:
+        return int(space.asha["max_t"])
+    cfg = load_config(space.preset, list(space.overrides))
+    return max(1, math.ceil(cfg.stage2.epochs))
+
+
+def space_hash(space: SweepSpace) -> str:
+    """Sweep identity: the search space minus what only controls scale-out (num_samples and max_concurrent may change
+    when a sweep is extended or moved to a bigger cluster)."""
+    data = {k: v for k, v in space.to_dict().items() if k not in ("num_samples", "max_concurrent", "output_dir")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def sweep_dir_for(space: SweepSpace) -> Path:
+    out = Path(space.output_dir).expanduser()
+    if not out.is_absolute() and os.environ.get(RUNS_BASE_ENV):
+        out = Path(os.environ[RUNS_BASE_ENV]).expanduser() / out
+    return out.resolve() / f"{space.name}-{space_hash(space)}"
+
+
+def tune_param_space(space: SweepSpace) -> dict:
+    from ray import tune
+
+    def domain(spec: dict):
+        kind, arg = next(iter(spec.items()))
+        if kind == "values":
+            return tune.choice(arg)
+        if kind == "loguniform":
+            return tune.loguniform(*arg)
+        if kind == "uniform":
+            return tune.uniform(*arg)
+        return tune.randint(int(arg[0]), int(arg[1]) + 1)  # inclusive upper bound, as written
+
+    out = {k: domain(s) for k, s in space.params.items()}
+    out.update({k: tune.choice(v) for k, v in space.replicates.items()})
+    return out
+
+
+def max_concurrent_trials(space: SweepSpace, cluster: dict) -> int:
+    """Trials that fit at once: ``max_concurrent`` when given; else the cluster's GPUs over the GPUs a trial's
+    workers take (a GPU run), or its CPUs over a trial's Train workers and data tasks (a CPU run)."""
+    if space.max_concurrent:
+        return space.max_concurrent
+    r = load_config(space.preset, list(space.overrides)).resources
+    if r.use_gpu:
+        gpus = int(cluster.get("GPU", 0))
+        if gpus < r.num_workers:
+            raise RuntimeError(f"the cluster has {gpus} GPU(s); a trial needs {r.num_workers}")
+        return gpus // r.num_workers
+    per_trial = r.num_workers * r.cpus_per_worker + r.data_concurrency * r.data_cpus_per_task
+    return max(1, int(cluster.get("CPU", 1) // per_trial))
+
+
+def _tune_callback(metric: str, extra: dict):
+    """A Ray Train callback that forwards to Tune only the reports carrying ``metric`` (validation rounds), with
+    ``extra`` fields added. Stage-1 and plain checkpoint reports lack it, and Tune rejects a result without the metric
+    its searcher and scheduler expect."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ValidationReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metric in metrics[0]:
+                super().after_report(run_context, [{**metrics[0], **extra}, *metrics[1:]], checkpoint)
+
+    return ValidationReports()
+
+
+def trial_fn(params: dict, space: dict, sweep_dir: str) -> None:
+    """One Tune trial: a two-stage run in its own run directory, reporting validation rounds to Tune."""
+    from ray import tune
+
+    from medvqa.train import run_two_stage
+
+    sp = SweepSpace(**space)
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    cfg = trial_config(sp, params, f"trial-{trial_id}", str(Path(sweep_dir) / "runs"))
+    rd = run_dir_for(cfg)
+    log.info("trial %s: %s -> %s", trial_id, params, rd.path)
+    # The report reads a trial's numbers from its run directory (metrics.jsonl), found through this link.
+    write_json(Path(ctx.get_trial_dir()) / TRIAL_LINK, {"trial_id": trial_id, "run_dir": str(rd.path)})
+    run_two_stage(cfg, callbacks=[_tune_callback(sp.metric, {"run_dir": str(rd.path), "trial_id": trial_id})])
+
+
+def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool = True) -> Path:
+    """Run (or continue) the sweep; returns its directory. Re-running with the same space restores it."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from medvqa.model import resolve_model_path
+    from medvqa.train import init_ray
+
+    sdir = sweep_dir_for(space)
+    sdir.mkdir(parents=True, exist_ok=True)
+    (sdir / "space.yaml").write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
+    base = load_config(space.preset, list(space.overrides))
+    resolve_model_path(base.model)  # build the tiny model once, before trials race for it
+    init_ray(base, ray_temp_dir)
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, space=space.to_dict(), sweep_dir=str(sdir)),
+                                    {"CPU": 0.01})  # the trial driver only waits on its TorchTrainer (GUIDE §5)
+    tune_path = sdir / "tune"
+    if tune.Tuner.can_restore(str(tune_path)):
+        log.info("sweep %s: restoring from %s (finished trials are kept)", space.name, tune_path)
+        tuner = tune.Tuner.restore(str(tune_path), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        import optuna
+
+        concurrent = max_concurrent_trials(space, ray.cluster_resources())
+        sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.tpe_startup_trials)
+        searcher = OptunaSearch(metric=space.metric, mode=space.mode, sampler=sampler, study_name=space.name,
+                                storage=optuna.storages.RDBStorage(f"sqlite:///{sdir / 'optuna.db'}"))
+        if space.asha is None:
+            scheduler = FIFOScheduler()
+        else:
+            scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=asha_max_t(space),
+                                      grace_period=int(space.asha.get("grace_period", 1)),
+                                      reduction_factor=float(space.asha.get("reduction_factor", 2)),
+                                      # a trial at max_t must finish (save its adapter), not be stopped
+                                      stop_last_trials=False)
+        log.info("sweep %s: %d trials, %d at a time, %s, metric %s (%s) -> %s", space.name, space.num_samples,
+                 concurrent, "ASHA" if space.asha else "no early stopping", space.metric, space.mode, sdir)
+        tuner = tune.Tuner(
+            trainable, param_space=tune_param_space(space),
+            tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=space.num_samples,
+                                        search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent),
+                                        scheduler=scheduler),
+            run_config=tune.RunConfig(name="tune", storage_path=str(sdir),
+                                      failure_config=tune.FailureConfig(max_failures=1)))
+    results = tuner.fit()
+    errors = [r.error for r in results if r.error]
+    if errors:
+        log.warning("sweep %s: %d trial(s) failed; first error: %s", space.name, len(errors), errors[0])
+    if report:
+        from medvqa.sweep_report import write_report
+
+        write_report(sdir)
+    log.info("sweep done: %s", sdir)
+    return sdir

@@ -1,0 +1,305 @@
+"""Sweep report: every trial, the Figure-3 curve, what mattered, and the best configuration as a preset.
+
+Reads only files (no Ray): ``<sweep_dir>/space.yaml``, Tune's per-trial folders (``params.json``, errors, the
+``medvqa_run.json`` link to the trial's run directory, ``result.json`` for Tune's trial time) and each trial's
+``metrics.jsonl`` (its validation rounds). Writes ``<sweep_dir>/report/``:
+
+- ``trials.csv``: one row per trial: status, parameters, replicate seed, validation rounds reached, the metric with its
+  bootstrap CI, the other ``val_*`` metrics, training seconds, and the trial's run directory (every number traces to
+  its run: ``<run_dir>/metrics.jsonl`` holds the same validation rows).
+- ``report.md`` / ``report.html``: the tables below and the plots.
+- ``curve.png``: validation score vs ``report.x`` (ROCO subset size), one line per ``report.line`` (LoRA rank).
+  A point is the mean over the completed trials of that cell (replicate seeds and any other parameter pooled); its
+  band is a 95% t-interval across those trials when there are two or more, else the trial's own bootstrap CI over
+  validation questions.
+- importance: for each parameter (and the replicate seed, as a noise reference), the share of the variance of the
+  completed trials' scores explained by its values (one-way eta squared). A parameter that explains no more than the
+  seed did not matter measurably.
+- ``best.yaml``: the resolved config of the best cell's trial, with the validation carve removed (train on all of
+  stage 2's training split), the seed back to the base preset's and a run name of its own:
+  ``python jobs/two_stage.py --preset <sweep_dir>/report/best.yaml`` trains it unchanged.
+
+Status: ``completed`` (reached its final validation round), ``stopped`` (ASHA stopped it at a lower round, or the
+sweep was interrupted there), ``error`` (Tune recorded an error), ``pending`` (no validation round yet).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from medvqa.report import _md_table, _md_to_html_table, _plt, fmt, fmt_ci
+
+STATUS_ORDER = ("completed", "stopped", "error", "pending")
+# Two-sided 95% Student-t quantiles for 1..10 degrees of freedom (replicate counts are small); 1.96 beyond 30.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def _t975(df: int) -> float:
+    if df <= len(_T975):
+        return _T975[df - 1]
+    return 2.042 if df <= 30 else 1.96
+
+
+def _read_results(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+    return rows
+
+
+def validation_rounds(run_dir: str | os.PathLike) -> list[dict]:
+    """A run's stage-2 validation rows from its metrics.jsonl, one per round (the last if a resume repeated one)."""
+    from medvqa.runs import read_metrics
+
+    if not run_dir or not (Path(run_dir) / "metrics.jsonl").exists():
+        return []
+    rounds = {r["val_round"]: r for r in read_metrics(run_dir)
+              if r.get("event") == "validation" and r.get("stage") == "stage2"}
+    return [rounds[k] for k in sorted(rounds)]
+
+
+def load_trials(sweep_dir: str | os.PathLike) -> tuple[dict, pd.DataFrame]:
+    """(the sweep's space, one row per trial). Raises FileNotFoundError when ``sweep_dir`` is not a sweep.
+
+    Parameters and errors come from Tune's trial folders; the scores from the trial's run directory (Tune's
+    ``result.json`` misses rounds reported just before a kill, the run's metrics.jsonl does not)."""
+    from medvqa.sweep import TRIAL_LINK
+
+    sweep_dir = Path(sweep_dir)
+    space_file = sweep_dir / "space.yaml"
+    if not space_file.exists():
+        raise FileNotFoundError(f"{space_file}: not a sweep directory (run `medvqa sweep run` first)")
+    space = yaml.safe_load(space_file.read_text())
+    metric, keys = space["metric"], list(space["params"]) + list(space.get("replicates") or {})
+    rows = []
+    for params_file in sorted((sweep_dir / "tune").glob("*/params.json")):
+        trial_dir = params_file.parent
+        params = json.loads(params_file.read_text())
+        link = json.loads((trial_dir / TRIAL_LINK).read_text()) if (trial_dir / TRIAL_LINK).exists() else {}
+        results = _read_results(trial_dir / "result.json")
+        run_dir = link.get("run_dir") or next((r["run_dir"] for r in results if r.get("run_dir")), None)
+        rounds = validation_rounds(run_dir)
+        last = rounds[-1] if rounds else {}
+        if (trial_dir / "error.txt").exists() or (trial_dir / "error.pkl").exists():
+            status = "error"
+        elif last.get("val_final"):
+            status = "completed"
+        elif rounds:
+            status = "stopped"
+        else:
+            status = "pending"
+        ci = last.get(f"{metric}_ci") or [None, None]
+        tune_seconds = [r["time_total_s"] for r in results if "time_total_s" in r]
+        trial_id = link.get("trial_id") or next((r["trial_id"] for r in results if r.get("trial_id")), trial_dir.name)
+        row = {"trial_id": trial_id, "status": status,
+               **{k: params.get(k) for k in keys}, "val_round": last.get("val_round"), metric: last.get(metric),
+               "ci_low": ci[0], "ci_high": ci[1], "val_n": last.get("val_n"),
+               "seconds": tune_seconds[-1] if tune_seconds else None, "run_dir": run_dir, "trial_dir": str(trial_dir)}
+        row.update({k: v for k, v in last.items() if k.startswith("val_") and not k.endswith("_ci")
+                    and k not in row and not isinstance(v, (list, dict))})
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        df["_order"] = df["status"].map(STATUS_ORDER.index)
+        df = df.sort_values(["_order", metric], ascending=[True, space["mode"] == "min"]).drop(columns="_order")
+    return space, df.reset_index(drop=True)
+
+
+def cell_summary(space: dict, trials: pd.DataFrame) -> pd.DataFrame:
+    """Completed trials grouped by searched parameters (replicates pooled): n, mean, band (see the module doc)."""
+    metric, params = space["metric"], list(space["params"])
+    done = trials[trials["status"] == "completed"] if not trials.empty else trials
+    if done.empty:
+        return pd.DataFrame(columns=[*params, "n", "mean", "low", "high", "trial_ids"])
+    rows = []
+    for key, g in done.groupby(params, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        v = g[metric].astype(float).to_numpy()
+        if len(v) >= 2:
+            half = _t975(len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+            low, high = v.mean() - half, v.mean() + half
+        else:
+            low, high = g["ci_low"].iloc[0], g["ci_high"].iloc[0]
+        rows.append({**dict(zip(params, key)), "n": len(v), "mean": float(v.mean()), "low": low, "high": high,
+                     "trial_ids": " ".join(g["trial_id"])})
+    out = pd.DataFrame(rows)
+    return out.sort_values("mean", ascending=space["mode"] == "min").reset_index(drop=True)
+
+
+def importance(space: dict, trials: pd.DataFrame) -> pd.DataFrame:
+    """Eta squared of each searched parameter and replicate key over the completed trials' scores (module doc)."""
+    metric = space["metric"]
+    done = trials[trials["status"] == "completed"] if not trials.empty else trials
+    keys = [(k, "parameter") for k in space["params"]] + [(k, "replicate") for k in space.get("replicates") or {}]
+    rows = []
+    for key, role in keys:
+        if len(done) < 3:
+            rows.append({"key": key, "role": role, "eta_squared": None, "levels": None})
+            continue
+        y = done[metric].astype(float)
+        total = float(((y - y.mean()) ** 2).sum())
+        groups = done.groupby(key, dropna=False)[metric]
+        between = float(sum(len(g) * (g.astype(float).mean() - y.mean()) ** 2 for _, g in groups))
+        rows.append({"key": key, "role": role, "eta_squared": between / total if total > 0 else 0.0,
+                     "levels": groups.ngroups})
+    return pd.DataFrame(rows)
+
+
+def best_preset(space: dict, trials: pd.DataFrame, cells: pd.DataFrame) -> tuple[dict, dict] | None:
+    """(resolved config dict, provenance) for the best cell, ready to train on the full training split."""
+    from medvqa.config import load_config, to_dict
+
+    if cells.empty:
+        return None
+    best = cells.iloc[0]
+    trial_id = best["trial_ids"].split()[0]
+    trial = trials[trials["trial_id"] == trial_id].iloc[0]
+    run_config = Path(str(trial["run_dir"])) / "config.yaml"
+    if not run_config.exists():
+        raise FileNotFoundError(f"{run_config}: the best trial's run directory is gone")
+    cfg = yaml.safe_load(run_config.read_text())
+    base = to_dict(load_config(space["preset"]))
+    cfg["stage2"]["data"]["validation_fraction"] = base["stage2"]["data"]["validation_fraction"]
+    cfg["stage2"]["validate_every_n_steps"] = base["stage2"]["validate_every_n_steps"]
+    for key in space.get("replicates") or {}:  # a replicate seed is not a hyper-parameter: back to the preset's
+        *parents, leaf = key.split(".")
+        node, ref = cfg, base
+        for part in parents:
+            node, ref = node[part], ref[part]
+        node[leaf] = ref[leaf]
+    cfg["run"]["name"] = f"{space['name']}-best"
+    cfg["run"]["output_dir"] = base["run"]["output_dir"]
+    params = {k: (v.item() if hasattr(v, "item") else v) for k, v in best.items() if k in space["params"]}
+    prov = {"params": params, "mean": float(best["mean"]), "band": [_num(best["low"]), _num(best["high"])],
+            "n_trials": int(best["n"]), "trial_ids": best["trial_ids"], "run_dir": str(trial["run_dir"])}
+    return cfg, prov
+
+
+def _num(x: Any) -> float | None:
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
+
+
+def plot_curve(space: dict, cells: pd.DataFrame, path: Path) -> Path | None:
+    """Figure-3 style: mean validation score vs report.x, one line per report.line, with bands."""
+    x, line = space["report"].get("x"), space["report"].get("line")
+    if cells.empty or x is None:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    groups = cells.groupby(line) if line else [(None, cells)]
+    for value, g in groups:
+        g = g.groupby(x).agg(mean=("mean", "mean"), low=("low", "min"), high=("high", "max")).reset_index()
+        g = g.sort_values(x)
+        label = f"{line}={value}" if line else None
+        ax.plot(g[x], g["mean"], marker="o", label=label)
+        ax.fill_between(g[x], g["low"].astype(float), g["high"].astype(float), alpha=0.2)
+    xs = cells[x].astype(float)
+    if xs.min() > 0 and xs.max() / xs.min() >= 4:
+        ax.set_xscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(f"{space['metric']} (validation)")
+    ax.set_title(f"sweep {space['name']}: completed trials, 95% bands")
+    if line:
+        ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(sweep_dir: str | os.PathLike) -> dict:
+    """Write ``<sweep_dir>/report/``; returns the paths written and the best cell."""
+    import html
+
+    sweep_dir = Path(sweep_dir)
+    space, trials = load_trials(sweep_dir)
+    if trials.empty:
+        raise ValueError(f"{sweep_dir}: no trials yet")
+    metric = space["metric"]
+    out = sweep_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    trials.to_csv(out / "trials.csv", index=False)
+    cells = cell_summary(space, trials)
+    imp = importance(space, trials)
+    curve = plot_curve(space, cells, out / "curve.png")
+    best = best_preset(space, trials, cells)
+    written = {"trials_csv": str(out / "trials.csv"), "markdown": str(out / "report.md"),
+               "html": str(out / "report.html"), "curve": str(curve) if curve else None, "best_yaml": None,
+               "best": None, "trials": len(trials),
+               "status": {s: int((trials["status"] == s).sum()) for s in STATUS_ORDER}}
+    if best:
+        cfg, prov = best
+        header = (f"# Best configuration of sweep {space['name']} ({sweep_dir})\n"
+                  f"# {metric} = {prov['mean']:.4f} (mean of {prov['n_trials']} trial(s): {prov['trial_ids']}) "
+                  f"with {json.dumps(prov['params'])}\n# from {prov['run_dir']}; validation carve removed: train on "
+                  f"the full split.\n#   python jobs/two_stage.py --preset {out / 'best.yaml'}\n")
+        (out / "best.yaml").write_text(header + yaml.safe_dump(cfg, sort_keys=False))
+        written.update(best_yaml=str(out / "best.yaml"), best=prov)
+
+    params = list(space["params"]) + list(space.get("replicates") or {})
+    trial_rows = [[r["trial_id"], r["status"], *[r[k] for k in params], r["val_round"] if pd.notna(r["val_round"])
+                   else "—", fmt_ci(_num(r[metric]), [_num(r["ci_low"]), _num(r["ci_high"])]),
+                   fmt(_num(r["seconds"]), 0), r["run_dir"] or "—"] for _, r in trials.iterrows()]
+    trial_header = ["trial", "status", *params, "rounds", f"{metric} [95% CI]", "seconds", "run dir"]
+    cell_rows = [[*[r[k] for k in space["params"]], int(r["n"]), fmt_ci(r["mean"], [_num(r["low"]), _num(r["high"])]),
+                  r["trial_ids"]] for _, r in cells.iterrows()]
+    cell_header = [*space["params"], "trials", f"mean {metric} [95% band]", "trial ids"]
+    imp_rows = [[r["key"], r["role"], fmt(_num(r["eta_squared"])), int(r["levels"]) if pd.notna(r["levels"]) else "—"]
+                for _, r in imp.iterrows()]
+    counts = ", ".join(f"{n} {s}" for s, n in written["status"].items() if n)
+    seconds = trials["seconds"].astype(float).sum()
+    stopping = "ASHA " + json.dumps(space["asha"]) if space.get("asha") else "none"
+    summary = (f"Directory: `{sweep_dir}`  \nBase preset: `{space['preset']}`; metric `{metric}` ({space['mode']}) on "
+               "a validation split carved from stage-2 training data (never the test split).  \n"
+               f"Trials: {len(trials)} ({counts}); {seconds:.0f} trial-seconds.  \n"
+               f"Early stopping: {stopping}; Optuna TPE seed {space['seed']}; study in `optuna.db`.")
+    best_text = "No completed trial yet."
+    if best:
+        top = written["best"]
+        best_text = (f"{json.dumps(top['params'])}: {metric} {fmt_ci(top['mean'], top['band'])} over {top['n_trials']} "
+                     f"trial(s). Preset: `best.yaml` (`python jobs/two_stage.py --preset {out / 'best.yaml'}`).")
+    importance_note = ("Share of the score variance explained by each key's values; the replicate seed is the noise "
+                       "reference.")
+    sections = [
+        ("Sweep", [("text", summary)]),
+        ("Best configuration", [("text", best_text)]),
+        ("Curve (Figure 3)", [("image", "curve.png")] if curve else [("text", "No completed trial yet.")]),
+        ("Cells (completed trials, replicates pooled)", [("table", (cell_header, cell_rows))]),
+        ("What mattered (eta squared of the completed trials' scores)",
+         [("text", importance_note), ("table", (["key", "role", "eta²", "levels"], imp_rows))]),
+        ("Trials", [("table", (trial_header, trial_rows))]),
+    ]
+    md, body = [f"# medvqa sweep: {space['name']}", ""], []
+    for title, items in sections:
+        md += [f"## {title}", ""]
+        body.append(f"<h2>{html.escape(title)}</h2>")
+        for kind, payload in items:
+            if kind == "text":
+                md += [payload, ""]
+                body.append(f"<p>{html.escape(payload).replace(chr(10), '<br>')}</p>")
+            elif kind == "table":
+                md += [_md_table(*payload), ""]
+                body.append(_md_to_html_table(*payload))
+            elif kind == "image":
+                md += [f"![{Path(payload).stem}]({payload})", ""]
+                body.append(f'<img src="{html.escape(payload)}" alt="{html.escape(Path(payload).stem)}">')
+    (out / "report.md").write_text("\n".join(md))
+    (out / "report.html").write_text(
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>medvqa sweep {html.escape(space['name'])}</title>"
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;"
+        "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style></head><body>"
+        f"<h1>medvqa sweep: {html.escape(space['name'])}</h1>" + "\n".join(body) + "</body></html>")
+    return written
