@@ -122,9 +122,11 @@ def _example_value(spec: dict) -> Any:
 def validate_space(space: SweepSpace, where: str = "search space") -> None:
     if space.mode not in ("max", "min"):
         raise ConfigError(f"{where}: mode must be 'max' or 'min'")
-    if not space.metric.startswith("val_"):
+    from medvqa.train import VALIDATION_METRICS
+
+    if space.metric.removeprefix("val_") not in VALIDATION_METRICS or not space.metric.startswith("val_"):
         raise ConfigError(f"{where}: metric {space.metric!r}: trials are scored on the carved validation split, so "
-                          "the metric must be one of its val_* metrics (e.g. val_normalized_f1)")
+                          f"the metric must be one of {['val_' + m for m in VALIDATION_METRICS]}")
     if space.num_samples < 1 or (space.max_concurrent is not None and space.max_concurrent < 1):
         raise ConfigError(f"{where}: num_samples and max_concurrent must be >= 1")
     if not space.params:
@@ -137,10 +139,15 @@ def validate_space(space: SweepSpace, where: str = "search space") -> None:
     overlap = set(space.params) & set(space.replicates)
     if overlap:
         raise ConfigError(f"{where}: {sorted(overlap)} both a parameter and a replicate")
-    # Every key must exist in the config, with values of the right type: build one trial's config.
+    # Every key must exist in the config, with values of the right type: build one trial's config, then one per
+    # further categorical value.
     example = {k: _example_value(s) for k, s in space.params.items()}
     example.update({k: v[0] for k, v in space.replicates.items()})
     cfg = trial_config(space, example)
+    choices = {k: s["values"] for k, s in space.params.items() if "values" in s} | space.replicates
+    for key, values in choices.items():
+        for value in values[1:]:
+            trial_config(space, {**example, key: value})
     if not cfg.stage2.enabled or cfg.stage2.data.validation_fraction <= 0:
         raise ConfigError(f"{where}: trials need stage2.data.validation_fraction > 0 (set it in overrides): the "
                           "sweep scores trials on a validation split carved from stage-2 training data")
