@@ -92,8 +92,11 @@ def load_trials(sweep_dir: str | os.PathLike) -> tuple[dict, pd.DataFrame]:
         run_dir = link.get("run_dir") or next((r["run_dir"] for r in results if r.get("run_dir")), None)
         rounds = validation_rounds(run_dir)
         last = rounds[-1] if rounds else {}
+        error = ""
         if (trial_dir / "error.txt").exists() or (trial_dir / "error.pkl").exists():
             status = "error"
+            text = (trial_dir / "error.txt").read_text().strip() if (trial_dir / "error.txt").exists() else ""
+            error = text.splitlines()[-1][:300] if text else "see error.pkl"
         elif last.get("val_final"):
             status = "completed"
         elif rounds:
@@ -106,7 +109,8 @@ def load_trials(sweep_dir: str | os.PathLike) -> tuple[dict, pd.DataFrame]:
         row = {"trial_id": trial_id, "status": status,
                **{k: params.get(k) for k in keys}, "val_round": last.get("val_round"), metric: last.get(metric),
                "ci_low": ci[0], "ci_high": ci[1], "val_n": last.get("val_n"),
-               "seconds": tune_seconds[-1] if tune_seconds else None, "run_dir": run_dir, "trial_dir": str(trial_dir)}
+               "seconds": tune_seconds[-1] if tune_seconds else None, "run_dir": run_dir, "trial_dir": str(trial_dir),
+               "error": error}
         row.update({k: v for k, v in last.items() if k.startswith("val_") and not k.endswith("_ci")
                     and k not in row and not isinstance(v, (list, dict))})
         rows.append(row)
@@ -282,6 +286,10 @@ def write_report(sweep_dir: str | os.PathLike) -> dict:
          [("text", importance_note), ("table", (["key", "role", "eta²", "levels"], imp_rows))]),
         ("Trials", [("table", (trial_header, trial_rows))]),
     ]
+    failed = trials[trials["status"] == "error"]
+    if not failed.empty:
+        sections.append(("Errors", [("table", (["trial", "last line of error.txt", "Tune trial folder"],
+                                               failed[["trial_id", "error", "trial_dir"]].values.tolist()))]))
     md, body = [f"# medvqa sweep: {space['name']}", ""], []
     for title, items in sections:
         md += [f"## {title}", ""]

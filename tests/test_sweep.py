@@ -184,6 +184,7 @@ def test_report_statuses_cells_and_importance(tmp_path):
     space, trials = load_trials(_fake_sweep(tmp_path))
     status = dict(zip(trials["trial_id"], trials["status"]))
     assert status["s"] == "stopped" and status["e"] == "error" and status["k"] == "completed"
+    assert trials.set_index("trial_id").loc["e", "error"] == "boom"
     assert list(trials["status"])[:12] == ["completed"] * 12  # completed first, best first
     by_id = trials.set_index("trial_id")
     assert pd.isna(by_id.loc["k", "seconds"]) and by_id.loc["t11", "seconds"] == 30.0  # Tune's trial time
@@ -215,7 +216,7 @@ def test_report_files_and_best_preset(tmp_path):
     assert len(csv) == 14 and csv["run_dir"].notna().all()  # every row traces to its run
     assert Path(out["curve"]).stat().st_size > 1000
     md = Path(out["markdown"]).read_text()
-    assert "t11" in md and "curve.png" in md and "eta" in md
+    assert "t11" in md and "curve.png" in md and "eta" in md and "## Errors" in md and "boom" in md
     assert Path(out["html"]).read_text().startswith("<!DOCTYPE html>")
 
     best = load_config(out["best_yaml"])  # a preset jobs/two_stage.py accepts unchanged

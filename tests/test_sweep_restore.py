@@ -71,7 +71,8 @@ def test_sweep_is_interrupted_restored_and_reported(tmp_path):
     # 4. The report: every trial, traceable to its run dir, and a best preset.
     report = sweep_dir / "report"
     trials = pd.read_csv(report / "trials.csv")
-    assert len(trials) == N_TRIALS and set(trials["status"]) <= {"completed", "stopped"}
+    errors = [(Path(d) / "error.txt").read_text()[-3000:] for d in trials["trial_dir"] if (Path(d) / "error.txt").exists()]
+    assert len(trials) == N_TRIALS and set(trials["status"]) <= {"completed", "stopped"}, errors
     assert (trials["status"] == "completed").any()
     for _, row in trials.iterrows():
         rounds = [json.loads(x) for x in (Path(row["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
