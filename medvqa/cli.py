@@ -59,6 +59,9 @@ def eval_matrix(run_dir: str = typer.Argument(..., help="Two-stage run directory
                 overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides of the run's "
                                                                 "config (resources.*; model.* must stay as trained)"),
                 single_stage: Optional[str] = typer.Option(None, help="Run directory of the single-stage baseline."),
+                seed_runs: Optional[str] = typer.Option(None, help="Comma-separated run directories of RUN_DIR's "
+                                                        "model trained with other seeds: evaluated as <model>@<seed> "
+                                                        "and summarised across seeds."),
                 base_only: bool = typer.Option(False, help="Evaluate only the base model."),
                 conditions: str = typer.Option("true,swapped,expert,medhalt", help="Comma-separated conditions."),
                 medhalt: Optional[str] = typer.Option(None, help="Med-HALT reasoning_fake.csv (else medhalt is "
@@ -70,18 +73,23 @@ def eval_matrix(run_dir: str = typer.Argument(..., help="Two-stage run directory
                 test_limit: Optional[int] = typer.Option(None, help="Seeded subset of the test split."),
                 max_new_tokens: int = typer.Option(16, help="Greedy decoding budget, the same for every model."),
                 concurrency: int = typer.Option(2, help="Predictor actors."),
-                cpus_per_actor: float = typer.Option(0.5, help="CPUs per actor (fractional on small machines).")
+                cpus_per_actor: float = typer.Option(0.5, help="CPUs per actor (fractional on small machines)."),
+                feature_cache_mb: float = typer.Option(512.0, help="Per-actor cache of image features (vision "
+                                                       "encoder + connector), MB; each image is encoded once. 0: off.")
                 ) -> None:
     """Evaluation matrix of a run: models x conditions in one Ray Data batch-inference job per model, written to
-    RUN_DIR/eval/ (resumable per cell)."""
+    RUN_DIR/eval/ (resumable: finished questions are kept, a killed job loses only in-flight batches)."""
     setup_logging()
     from medvqa.evaluate import evaluate_run
 
     out = evaluate_run(run_dir, single_stage=single_stage, base_only=base_only, overrides=overrides or [],
                        conditions=[c for c in conditions.split(",") if c], test_limit=test_limit,
                        medhalt_path=medhalt, medhalt_limit=medhalt_limit, ood=ood, ood_path=ood_path,
-                       max_new_tokens=max_new_tokens, concurrency=concurrency, cpus_per_actor=cpus_per_actor)
-    typer.echo(json.dumps({"metrics": out["metrics_path"], "predicted": out["predicted"], "skipped": out["skipped"]}))
+                       max_new_tokens=max_new_tokens, concurrency=concurrency, cpus_per_actor=cpus_per_actor,
+                       feature_cache_mb=feature_cache_mb,
+                       seed_runs=[d for d in (seed_runs or "").split(",") if d])
+    typer.echo(json.dumps({"metrics": out["metrics_path"], "predicted": out["predicted"], "skipped": out["skipped"],
+                           "rows_reused": out["rows_reused"]}))
 
 
 @app.command()

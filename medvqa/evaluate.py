@@ -16,12 +16,20 @@ Models: ``base`` (no adapters) and ``single_stage`` / ``two_stage`` (the adapter
 
 Ablation hygiene: every model gets the same precision (``load_inference_model`` with the same ``cfg.model``), the
 same instruction per condition and the same greedy decoding; a run directory whose base-model config differs from
-the evaluation config is refused. All of one model's cells go through ONE Ray Data batch-inference job (actors load
-the model once); each row carries its own ``instruction`` because the ``expert`` cell needs a different one.
+the evaluation config is refused. Every cell of every model goes through ONE Ray Data batch-inference job: each
+actor loads the base model once with every model's adapters and switches them per row (``infer.Predictor`` with
+``models``); each row carries its own ``model`` and ``instruction`` (the ``expert`` cell needs a different one).
+Within a model, rows are ordered by image content hash, so the questions of every condition that show one image reach
+the same actor together and its vision features are computed once (``infer.FeatureCache``; ``feature_cache_mb=0``
+turns it off).
 
 Layout under ``out_dir``: ``predictions/<model>/<condition>.parquet`` (one row per question, written atomically with
-pyarrow -- Ray's ``write_parquet`` would append to a folder) and ``metrics.json``. A cell whose parquet exists is not
-predicted again (resume); the metrics are always recomputed from the parquet files.
+pyarrow -- Ray's ``write_parquet`` would append to a folder) and ``metrics.json``. Predictions are streamed to the
+driver as the job produces them and land at once in ``predictions/<model>/<condition>.parts/<uuid>.parquet`` (each
+part atomic); a cell's parquet is written when its last question arrives and its parts are then removed. Resume: a
+cell whose parquet exists is done; a cell with parts only is never taken as done -- its finished questions are kept
+and only the missing ones are predicted, so a killed job loses only its in-flight batches. The metrics are always
+recomputed from the cell parquet files.
 """
 
 from __future__ import annotations
@@ -29,8 +37,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -60,6 +69,12 @@ SWAP_KEYS = ("modality", "organ")
 #: per-question metrics whose true → swapped drop is the image-reliance score
 RELIANCE_METRICS = ("normalized_em", "normalized_f1", "closed_accuracy", "open_recall", "paper_contains_em")
 MEDHALT_CSV = "/work/shared/data/medhalt/reasoning_fake.csv"
+#: batches per Ray Data block: 1 streams finest but halved the tiny CPU model's throughput (per-block actor call,
+#: object store, one parquet part per block; bench/eval_matrix.py: 1 -> 160, 4 -> 300, 8 -> 360 questions/s); on a
+#: GPU model a batch takes ~1 s and that overhead is noise, so a finer block costs nothing there
+BATCHES_PER_BLOCK = 8
+#: ``<model>@<seed>`` names one seed's run of a model; several seeds of a model are summarised across seeds
+SEED_SEP = "@"
 #: prediction columns every cell parquet has (plus ``raw_prediction`` and ``predicted_answer``)
 ROW_COLUMNS = ("model", "condition", "question_id", "image_id_shown", "true_image_id", "prompt", "true_answer",
                "answer_type", "question_type", "source", "instruction", "swap_match")
@@ -204,9 +219,11 @@ def build_cells(test_records: Sequence[Mapping], conditions: Sequence[str], inst
 # ------------------------------------------------------------------------------------------------ prediction
 
 
-def _predict_rows(rows: list[dict], cfg: Config, adapters: Mapping[str, str], max_new_tokens: int, concurrency: int,
-                  cpus_per_actor: float, batch_size: int) -> pd.DataFrame:
-    """One Ray Data job over ``rows`` (several blocks so every actor gets work) -> predictions as a DataFrame."""
+def _predict_rows(rows: list[dict], cfg: Config, models: Mapping[str, Mapping[str, str]], max_new_tokens: int,
+                  concurrency: int, cpus_per_actor: float, batch_size: int, feature_cache_mb: float = 512.0):
+    """One Ray Data job over ``rows`` of every model in ``models`` (name -> adapters; each actor loads the base once
+    and switches adapters per row, ``infer.Predictor``), in several blocks so every actor gets work -> an iterator of
+    prediction DataFrames, streamed as the job produces them (not after it ends)."""
     import ray
 
     if not ray.is_initialized():
@@ -215,14 +232,31 @@ def _predict_rows(rows: list[dict], cfg: Config, adapters: Mapping[str, str], ma
         init_ray(cfg)
     from medvqa.infer import predict_dataset
 
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * concurrency)))
-    out = predict_dataset(ds, cfg, adapters=dict(adapters), max_new_tokens=max_new_tokens, concurrency=concurrency,
-                          cpus_per_actor=cpus_per_actor, batch_size=batch_size)
-    return pd.DataFrame(out.take_all())
+    # BATCHES_PER_BLOCK batches per block (and at least 4 blocks per actor): an output block reaches the driver, and
+    # disk, only once all of it is done, so a killed job loses at most ~concurrency blocks.
+    n_blocks = max(4 * concurrency, -(-len(rows) // max(1, batch_size * BATCHES_PER_BLOCK)))
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), n_blocks)))
+    out = predict_dataset(ds, cfg, models=models, max_new_tokens=max_new_tokens, concurrency=concurrency,
+                          cpus_per_actor=cpus_per_actor, batch_size=batch_size, feature_cache_mb=feature_cache_mb)
+    yield from out.iter_batches(batch_size=None, batch_format="pandas")  # None: blocks as they are produced
+
+
+def group_by_image(rows: list[dict]) -> list[dict]:
+    """Rows ordered by their image's content hash (stable: a condition's order is kept within an image), so the
+    consecutive rows that make up a block and a batch share images, whatever their condition."""
+    from medvqa.infer import image_key
+
+    keys = {id(r): image_key(r["image"]) for r in rows}
+    return sorted(rows, key=lambda r: keys[id(r)])
 
 
 def cell_path(out_dir: str | os.PathLike, model: str, condition: str) -> Path:
     return Path(out_dir) / "predictions" / model / f"{condition}.parquet"
+
+
+def parts_dir(out_dir: str | os.PathLike, model: str, condition: str) -> Path:
+    """Where a cell's predictions accumulate (one atomic parquet per streamed batch) until the cell is complete."""
+    return Path(out_dir) / "predictions" / model / f"{condition}.parts"
 
 
 def _write_cell(df: pd.DataFrame, path: Path) -> None:
@@ -231,9 +265,73 @@ def _write_cell(df: pd.DataFrame, path: Path) -> None:
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".parquet.tmp")
+    tmp = path.with_suffix(path.suffix + ".tmp")
     pq.write_table(pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False), tmp)
     os.replace(tmp, path)
+
+
+class CellWriter:
+    """The cells of one model under ``out_dir``: which questions are done, streamed parts in, finished cells out.
+
+    ``cells``: condition -> its question rows (``build_cells``). On construction, finished cells are checked (same
+    questions as this matrix, else an error: delete the file to redo), leftover parts of finished cells are removed,
+    and the questions already in parts are collected (files that are not whole parts, e.g. ``*.tmp`` of a killed
+    write, are ignored); a cell complete in parts is finalized at once. ``pending()``: rows still to predict.
+    ``add(df)``: prediction rows of any cells -> parts; every cell that becomes complete is written.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, model: str, cells: Mapping[str, Sequence[Mapping]]):
+        self.out_dir, self.model, self.cells = Path(out_dir), model, cells
+        self.done: dict[str, set[str]] = {}  # condition -> question ids in parts (unfinished cells only)
+        self.finished: list[str] = []  # cells finished before this run
+        self.written: list[str] = []  # cells finished by this writer
+        self.reused_rows: dict[str, int] = {}  # condition -> rows kept from parts of an earlier run
+        for c, rows in cells.items():
+            qids = {r["question_id"] for r in rows}
+            path, parts = cell_path(out_dir, model, c), parts_dir(out_dir, model, c)
+            if path.exists():
+                have = set(pd.read_parquet(path, columns=["question_id"])["question_id"])
+                if have != qids:
+                    raise ValueError(f"{path} holds other questions than this matrix's {c} cell: delete it to redo")
+                self.finished.append(c)
+                shutil.rmtree(parts, ignore_errors=True)  # a crash between finishing the cell and the clean-up
+                continue
+            have = set()
+            for f in sorted(parts.glob("*.parquet")):
+                have |= set(pd.read_parquet(f, columns=["question_id"])["question_id"])
+            if have - qids:
+                raise ValueError(f"{parts} holds questions that are not in this matrix's {c} cell: delete it to redo")
+            self.done[c] = have
+            self.reused_rows[c] = len(have)
+            if have == qids:
+                self._finalize(c)
+
+    def pending(self) -> list[dict]:
+        return [r for c, seen in self.done.items() for r in self.cells[c] if r["question_id"] not in seen]
+
+    def add(self, df: pd.DataFrame) -> None:
+        import uuid
+
+        for c, part in df.groupby("condition", sort=False):
+            if c not in self.done:
+                raise ValueError(f"predictions for cell {self.model}/{c}, which is not being predicted")
+            folder = parts_dir(self.out_dir, self.model, c)
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_cell(part[[*ROW_COLUMNS, "raw_prediction", "predicted_answer"]],
+                        folder / f"{uuid.uuid4().hex}.parquet")
+            self.done[c] |= set(part["question_id"])
+            if len(self.done[c]) == len(self.cells[c]):
+                self._finalize(c)
+
+    def _finalize(self, c: str) -> None:
+        folder = parts_dir(self.out_dir, self.model, c)
+        df = pd.concat([pd.read_parquet(f) for f in sorted(folder.glob("*.parquet"))], ignore_index=True)
+        order = [r["question_id"] for r in self.cells[c]]
+        df = df.drop_duplicates("question_id").set_index("question_id").loc[order].reset_index()
+        _write_cell(df[[*ROW_COLUMNS, "raw_prediction", "predicted_answer"]], cell_path(self.out_dir, self.model, c))
+        shutil.rmtree(folder, ignore_errors=True)
+        del self.done[c]
+        self.written.append(c)
 
 
 def _run_config(run_dir: Path) -> Config | None:
@@ -295,10 +393,41 @@ def paired_tests(a: pd.DataFrame, b: pd.DataFrame, n_boot: int = 1000, seed: int
     return out
 
 
+def seed_summary(cells: Mapping[str, Mapping[str, Mapping]], metrics: Sequence[str] = METRICS) -> dict:
+    """Seeds as a dimension: models named ``<family>@<seed>`` (several runs of one model, e.g. ``two_stage@0``,
+    ``two_stage@1``) -> ``{family: {condition: {"n_seeds", "seeds", metric: {"per_seed": {seed: value}, "mean",
+    "sd" (sample SD across seeds, ddof 1), "min", "max"}}}}`` for every condition at least two seeds have. The
+    bootstrap CIs of each cell measure question sampling; the spread across seeds measures training noise."""
+    families: dict[str, dict[str, str]] = {}
+    for name in cells:
+        if SEED_SEP in name:
+            family, label = name.split(SEED_SEP, 1)
+            families.setdefault(family, {})[label] = name
+    out: dict[str, dict] = {}
+    for family, members in families.items():
+        conditions = sorted({c for name in members.values() for c in cells[name]})
+        for c in conditions:
+            have = {label: cells[name][c] for label, name in sorted(members.items()) if c in cells[name]}
+            if len(have) < 2:
+                continue
+            entry: dict[str, Any] = {"n_seeds": len(have), "seeds": list(have)}
+            for m in metrics:
+                vals = {label: a.get(m) for label, a in have.items()}
+                finite = np.array([v for v in vals.values() if v is not None and np.isfinite(v)], dtype=float)
+                entry[m] = {"per_seed": vals,
+                            "mean": float(finite.mean()) if len(finite) else None,
+                            "sd": float(finite.std(ddof=1)) if len(finite) > 1 else None,
+                            "min": float(finite.min()) if len(finite) else None,
+                            "max": float(finite.max()) if len(finite) else None}
+            out.setdefault(family, {})[c] = entry
+    return out
+
+
 def score_matrix(out_dir: str | os.PathLike, models: Sequence[str], conditions: Sequence[str], n_boot: int = 1000,
                  seed: int = 0) -> dict:
     """Metrics of every existing cell: per cell ``aggregate`` (CIs) + abstention rate; per model the image-reliance
-    score (needs true and swapped); Med-HALT abstention; paired tests between models on ``true``."""
+    score (needs true and swapped); Med-HALT abstention; paired tests between models on ``true``; and, for models
+    run with several seeds (``<model>@<seed>``), per-seed values with mean and spread across seeds (``seeds``)."""
     scored: dict[tuple[str, str], pd.DataFrame] = {}
     for m in models:
         for c in conditions:
@@ -320,6 +449,7 @@ def score_matrix(out_dir: str | os.PathLike, models: Sequence[str], conditions: 
     with_true = [m for m in models if (m, "true") in scored]
     for a, b in combinations(with_true, 2):
         res["paired_true"][f"{b}_vs_{a}"] = paired_tests(scored[a, "true"], scored[b, "true"], n_boot, seed)
+    res["seeds"] = seed_summary(res["cells"])
     return res
 
 
@@ -330,14 +460,20 @@ def run_matrix(cfg: Config | Mapping, models: Mapping[str, str | os.PathLike | N
                out_dir: str | os.PathLike, conditions: Sequence[str] = ("true", "swapped", "expert"), seed: int = 0,
                max_new_tokens: int = 16, concurrency: int = 2, cpus_per_actor: float = 0.5, batch_size: int = 8,
                medhalt_path: str | None = None, medhalt_limit: int | None = 100,
-               ood_records: Sequence[Mapping] | None = None, n_boot: int = 1000) -> dict:
-    """Predict every missing (model, condition) cell -- one Ray Data job per model over the union of its missing
-    cells -- write ``out_dir/predictions/<model>/<condition>.parquet``, then score all cells into
-    ``out_dir/metrics.json``.
+               ood_records: Sequence[Mapping] | None = None, n_boot: int = 1000,
+               feature_cache_mb: float = 512.0, progress: Callable[[str, int], None] | None = None) -> dict:
+    """Predict every missing (model, condition) cell -- ONE Ray Data job for all models (each actor loads the base
+    model once and switches adapters per row) over the missing questions of every cell, ordered by model then
+    image -- streaming them into ``out_dir/predictions/<model>/<condition>.parquet`` (see the module docstring for
+    parts and resume), then score all cells into ``out_dir/metrics.json``. ``progress(model, n_rows)`` is called
+    after each streamed batch is on disk.
 
     ``models``: name -> run directory (``base`` needs none; another model with None is skipped). ``test_records``:
-    validated records (``data.records.SCHEMA`` rows, rejects already dropped). Returns ``{"metrics": ...,
-    "predicted": [[model, condition], ...], "skipped": [[model, condition], ...], "metrics_path": ...}``.
+    validated records (``data.records.SCHEMA`` rows, rejects already dropped). ``feature_cache_mb``: each actor's
+    image-feature cache (0: encode every row's image). Returns ``{"metrics": ..., "predicted": [[model, condition],
+    ...] (cells finished by this call), "skipped": [[model, condition], ...] (finished before), "rows_predicted":
+    {"model/condition": n}, "rows_reused": {"model/condition": n} (kept from an interrupted run's parts),
+    "metrics_path": ...}``.
     """
     from medvqa.runs import write_json
 
@@ -346,46 +482,57 @@ def run_matrix(cfg: Config | Mapping, models: Mapping[str, str | os.PathLike | N
     instruction = cfg.stage2.prompt  # the same for every model (the study's baseline used another; GUIDE §3)
     cells = build_cells(test_records, conditions, instruction, seed, medhalt_path, medhalt_limit, ood_records)
     predicted, skipped, evaluated = [], [], []
+    rows_predicted: dict[str, int] = {}
+    rows_reused: dict[str, int] = {}
+    writers: dict[str, CellWriter] = {}
+    todo: dict[str, dict[str, str]] = {}  # model -> adapters, for models with questions to predict
+    rows: list[dict] = []
     for name, run_dir in models.items():
         adapters = model_adapters(cfg, name, run_dir)
         if adapters is None:
             log.info("model %s: no run directory given, skipped", name)
             continue
         evaluated.append(name)
-        todo = []
-        for c, rows in cells.items():
-            path = cell_path(out_dir, name, c)
-            if path.exists():
-                have = set(pd.read_parquet(path, columns=["question_id"])["question_id"])
-                if have != {r["question_id"] for r in rows}:
-                    raise ValueError(f"{path} holds other questions than this matrix's {c} cell: delete it to redo")
-                log.info("cell %s/%s exists: skipped", name, c)
-                skipped.append([name, c])
-            else:
-                todo.append(c)
-        if not todo:
-            continue
-        rows = [{**r, "model": name} for c in todo for r in cells[c]]
-        log.info("model %s: predicting %d rows for cells %s (adapters: %s)", name, len(rows), todo, adapters or "none")
-        preds = _predict_rows(rows, cfg, adapters, max_new_tokens, concurrency, cpus_per_actor, batch_size)
-        for c in todo:
-            order = [r["question_id"] for r in cells[c]]
-            df = preds[preds["condition"] == c].set_index("question_id").loc[order].reset_index()
-            df = df[[*ROW_COLUMNS, "raw_prediction", "predicted_answer"]]
-            _write_cell(df, cell_path(out_dir, name, c))
-            predicted.append([name, c])
+        writers[name] = writer = CellWriter(out_dir, name, cells)
+        skipped += [[name, c] for c in writer.finished]
+        for c, n in writer.reused_rows.items():
+            if n:
+                rows_reused[f"{name}/{c}"] = n
+                log.info("cell %s/%s: %d of %d questions kept from an interrupted run", name, c, n, len(cells[c]))
+        pending = writer.pending()
+        if pending:
+            todo[name] = adapters
+            log.info("model %s: %d rows to predict for cells %s (adapters: %s)", name, len(pending),
+                     sorted({r["condition"] for r in pending}), adapters or "none")
+            for r in pending:
+                key = f"{name}/{r['condition']}"
+                rows_predicted[key] = rows_predicted.get(key, 0) + 1
+            rows += group_by_image([{**r, "model": name} for r in pending])  # model-major: features are per model
+    if rows:
+        for df in _predict_rows(rows, cfg, todo, max_new_tokens, concurrency, cpus_per_actor, batch_size,
+                                feature_cache_mb):
+            for name, part in df.groupby("model", sort=False):
+                writers[str(name)].add(part)
+                if progress is not None:
+                    progress(str(name), len(part))
+    for name, writer in writers.items():
+        if writer.done:  # the job ended without some rows: never happens unless Ray dropped rows
+            raise RuntimeError(f"model {name}: cells {sorted(writer.done)} incomplete after the job")
+        predicted += [[name, c] for c in writer.written]
     metrics = score_matrix(out_dir, evaluated, list(cells), n_boot=n_boot, seed=seed)
     metrics["settings"] = {
         "models": {m: (str(models[m]) if models[m] is not None else None) for m in models},
         "evaluated": evaluated, "conditions": list(cells), "seed": seed, "n_questions": len(test_records),
         "instructions": {c: sorted({r["instruction"] for r in rows}) for c, rows in cells.items()},
         "decoding": {"do_sample": False, "num_beams": 1, "max_new_tokens": max_new_tokens},
+        "feature_cache_mb": feature_cache_mb,
         "model": to_dict(cfg)["model"], "medhalt_path": medhalt_path, "medhalt_limit": medhalt_limit,
     }
     metrics = json_ready(metrics)
     path = out_dir / "metrics.json"
     write_json(path, metrics)
-    return {"metrics": metrics, "predicted": predicted, "skipped": skipped, "metrics_path": str(path)}
+    return {"metrics": metrics, "predicted": predicted, "skipped": skipped, "rows_predicted": rows_predicted,
+            "rows_reused": rows_reused, "metrics_path": str(path)}
 
 
 # ------------------------------------------------------------------------------------------------ a run's evaluation
@@ -438,10 +585,13 @@ def evaluate_run(run_dir: str | os.PathLike, single_stage: str | os.PathLike | N
                  overrides: Sequence[str] = (), conditions: Sequence[str] = ("true", "swapped", "expert", "medhalt"),
                  test_limit: int | None = None, medhalt_path: str | None = None, medhalt_limit: int | None = 100,
                  ood: bool = False, ood_path: str | None = None, seed: int | None = None, max_new_tokens: int = 16,
-                 concurrency: int = 2, cpus_per_actor: float = 0.5, batch_size: int = 8) -> dict:
+                 concurrency: int = 2, cpus_per_actor: float = 0.5, batch_size: int = 8,
+                 feature_cache_mb: float = 512.0, seed_runs: Sequence[str | os.PathLike] = ()) -> dict:
     """The matrix for a two-stage run directory (and optionally a single-stage one) on its stage-2 source's test
     split, written to ``run_dir/eval/``. ``ood``: phantoms with another seed for a phantom run, or PathVQA at
-    ``ood_path``. ``seed``: default the run's seed."""
+    ``ood_path``. ``seed``: default the run's seed. ``feature_cache_mb``: per-actor image-feature cache (0: off).
+    ``seed_runs``: more run directories of the same model trained with other seeds (``run.seed``): every run of the
+    model is then evaluated as ``<model>@<seed>`` and summarised across seeds (``seed_summary``)."""
     cfg = load_run_config(run_dir, overrides)
     seed = cfg.run.seed if seed is None else seed
     data = cfg.stage2.data
@@ -459,12 +609,21 @@ def evaluate_run(run_dir: str | os.PathLike, single_stage: str | os.PathLike | N
             conditions.append("ood")
     models: dict[str, Any] = {"base": None}
     if not base_only:
+        name = "two_stage" if cfg.stage1.enabled else "single_stage"  # a run without stage 1 is the baseline
         if cfg.stage1.enabled:
             models["single_stage"] = single_stage
-            models["two_stage"] = run_dir
-        else:  # the run itself is a single-stage baseline
-            models["single_stage"] = run_dir
+        if seed_runs:
+            for rd in [run_dir, *seed_runs]:
+                rc = load_run_config(rd)
+                if rc.stage1.enabled != cfg.stage1.enabled:
+                    raise ValueError(f"{rd}: not the same kind of run as {run_dir} (stage1.enabled differs)")
+                key = f"{name}{SEED_SEP}{rc.run.seed}"
+                if key in models:
+                    raise ValueError(f"two runs of {name} with seed {rc.run.seed}: {models[key]} and {rd}")
+                models[key] = rd
+        else:
+            models[name] = run_dir
     return run_matrix(cfg, models, test, Path(run_dir) / "eval", conditions=conditions, seed=seed,
                       max_new_tokens=max_new_tokens, concurrency=concurrency, cpus_per_actor=cpus_per_actor,
                       batch_size=batch_size, medhalt_path=medhalt_path, medhalt_limit=medhalt_limit,
-                      ood_records=ood_records)
+                      ood_records=ood_records, feature_cache_mb=feature_cache_mb)

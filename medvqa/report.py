@@ -165,6 +165,24 @@ def paired_rows(metrics: Mapping) -> list[list[str]]:
     return rows
 
 
+def seed_rows(metrics: Mapping, keys: Sequence[str] = TABLE_METRICS) -> list[list[str]]:
+    """Models run with several seeds: per condition, 'mean ± sd [min, max]' across seeds per metric, then each
+    seed's value."""
+    rows = []
+    for family, conds in (metrics.get("seeds") or {}).items():
+        for c, e in conds.items():
+            cells = []
+            for k in keys:
+                v = e.get(k) or {}
+                cells.append("—" if v.get("mean") is None else
+                             f"{v['mean']:.3f} ± {fmt(v.get('sd'))} [{fmt(v.get('min'))}, {fmt(v.get('max'))}]")
+            rows.append([family, c, str(e.get("n_seeds", "")), "mean ± sd [min, max]", *cells])
+            for seed in e.get("seeds") or []:
+                rows.append([family, c, "", f"seed {seed}",
+                             *[fmt(((e.get(k) or {}).get("per_seed") or {}).get(seed)) for k in keys]])
+    return rows
+
+
 def leakage_section(run_dir: str | os.PathLike, cfg: Mapping | None = None, audit: bool = True) -> dict:
     """{'kind', 'statement', 'audit' (audit_splits output or None)}: for VQA-RAD the train vs test audit of the
     official split; for phantoms what was used; for others the source and split. Never raises."""
@@ -464,6 +482,13 @@ def build_report(run_dir: str | os.PathLike, audit: bool = True) -> dict:
         ("text", "Study metrics: " + ", ".join(STUDY_METRICS) + ". Standard metrics: " + ", ".join(STANDARD_METRICS)
          + " (closed_accuracy over closed questions, open_recall over open ones)."),
         ("table", (FIG2_HEADER, figure2_rows(metrics)))] + ([("image", "plots/metrics.png")] if bar else [])))
+    sr = seed_rows(metrics)
+    if sr:
+        sections.append(("Across seeds (training noise)", [
+            ("text", "Models trained with several seeds (`<model>@<seed>` above): mean ± sample SD across seeds, "
+                     "[min, max], then each seed. The CIs above measure question sampling, this spread training "
+                     "noise; a difference between models smaller than it is not a finding."),
+            ("table", (("model", "condition", "seeds", "statistic", *TABLE_METRICS), sr))]))
     bd = breakdown_tables(metrics)
     sections.append(("Breakdown by answer type and question type",
                      [item for col, (h, r) in bd.items() for item in (("text", f"By {col}:"), ("table", (h, r)))]

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-VERSION = "v2"  # bump when the architecture, tokenizer or corpus changes: the cache folder name carries it
+VERSION = "v3"  # bump when the architecture, tokenizer or corpus changes: the cache folder name carries it
 
 # The real Idefics2-8B chat template (its processor_config.json): "User:<image>question<end_of_utterance>\n
 # Assistant: answer<end_of_utterance>\n"; a turn that starts with an image gets "User:" without a space.
@@ -130,6 +130,51 @@ def build_config(tokenizer):
     )
 
 
+# Re-initialisation of the random weights so the image reaches the answer (see ``init_weights``). Gains multiply
+# 1/sqrt(fan_in), the scale at which a Linear keeps its input's RMS; transformers' default (std 0.02, i.e. gain 0.16
+# for 64 inputs) shrinks every residual branch ~6x, so the image term was ~200x smaller than the constant latents.
+INIT = dict(
+    pos_std=1.0,         # vision position embeddings (std per dim): at 0.02 they vanish next to the ~0.5-RMS patch
+                         # content and *where* a lesion is gets lost (ridge probe of lesion side on the connector
+                         # output, 320 phantoms: 0.69 accuracy at 0.02, 1.0 at 1.0)
+    vision_gain=1.0,     # vision encoder linears
+    proj_gain=1.0,       # connector modality projection (MLP)
+    perceiver_gain=1.0,  # perceiver resampler linears ...
+    qk_gain=2.0,         # ... with sharper q/k: attention logits ~N(0, 4) pick patches instead of averaging them
+    latents_std=1.0,     # perceiver latents: N(0, 1) instead of ones (8 identical image tokens)
+    text_gain=1.0,       # text decoder linears: the answer position's hidden state moves ~50% between images (7% at
+                         # std 0.02), so the image shows in the logits (spread 0.66 vs 0.09 nats) at initialisation
+)
+
+
+def init_weights(model, seed: int, **overrides) -> None:
+    """Re-initialise the vision tower, connector and text decoder in place (``INIT``, ``overrides`` win), so that
+    different images give clearly different image tokens and the image moves the answer logits before any training.
+    Measured (4-bit, mean over pairs of 8 phantoms): the connector output differs by ~49% between two images (0.7%
+    with transformers' init) and between the 8 image tokens of one image by ~119% (0%: identical). Deterministic
+    per seed."""
+    import torch
+
+    c = {**INIT, **overrides}
+    gen = torch.Generator().manual_seed(seed + 1)
+    inner = model.model
+    vis, conn = inner.vision_model, inner.connector
+
+    def linears(module, gain, qk=1.0):
+        for name, m in module.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                g = gain * (qk if name.endswith(("q_proj", "k_proj")) else 1.0)
+                torch.nn.init.normal_(m.weight, std=g / m.in_features ** 0.5, generator=gen)
+
+    with torch.no_grad():
+        torch.nn.init.normal_(vis.embeddings.position_embedding.weight, std=c["pos_std"], generator=gen)
+        linears(vis.encoder, c["vision_gain"])
+        linears(conn.modality_projection, c["proj_gain"])
+        linears(conn.perceiver_resampler, c["perceiver_gain"], c["qk_gain"])
+        torch.nn.init.normal_(conn.perceiver_resampler.latents, std=c["latents_std"], generator=gen)
+        linears(inner.text_model, c["text_gain"])
+
+
 def make_tiny(seed: int = 0):
     """(model, processor) in memory: the random Idefics2ForConditionalGeneration and its processor."""
     import torch
@@ -143,6 +188,7 @@ def make_tiny(seed: int = 0):
     # push the loss far below log(vocab): the frozen random head caps learning. A wider head (std 0.2) lets the
     # tiny model's learning, and its use of the image, show up as a falling loss.
     torch.nn.init.normal_(model.lm_head.weight, std=0.2, generator=torch.Generator().manual_seed(seed))
+    init_weights(model, seed)
     eou = processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
     model.generation_config = GenerationConfig(  # stop at the end of the utterance, like Idefics2-8B
         bos_token_id=config.text_config.bos_token_id, pad_token_id=config.text_config.pad_token_id,

@@ -10,9 +10,12 @@ from medvqa.data.phantoms import phantom_records
 from medvqa.data.records import validate_record
 from medvqa.evaluate import (
     MEDHALT_CSV,
+    CellWriter,
     build_cells,
     cell_path,
+    group_by_image,
     medhalt_condition,
+    parts_dir,
     run_matrix,
     swap_candidates,
     swapped_condition,
@@ -127,6 +130,90 @@ def test_existing_cells_are_skipped_and_scored(records, tmp_path):
         run_matrix(cfg, {"base": None}, records, tmp_path, conditions=["true"], n_boot=100)
 
 
+def test_seed_runs_are_evaluated_as_model_at_seed(tmp_path, monkeypatch):
+    """evaluate_run(seed_runs=...) names every run of the model <model>@<seed> (score_matrix then summarises them
+    across seeds); two runs with one seed are refused."""
+    import medvqa.evaluate as ev
+    from medvqa.config import dump_yaml, load_config
+
+    runs = []
+    for seed in (0, 1):
+        run = tmp_path / f"run{seed}"
+        run.mkdir()
+        cfg = load_config("tiny", [f"run.seed={seed}", "stage2.data.num_records=4"])
+        (run / "config.yaml").write_text(dump_yaml(cfg))
+        runs.append(run)
+    seen = {}
+    monkeypatch.setattr(ev, "run_matrix", lambda cfg, models, *a, **k: seen.update(models) or {})
+    ev.evaluate_run(runs[0], seed_runs=[runs[1]], test_limit=2)
+    name = "two_stage" if cfg.stage1.enabled else "single_stage"
+    assert {k: v for k, v in seen.items() if k.startswith(name)} == {f"{name}@0": runs[0], f"{name}@1": runs[1]}
+    with pytest.raises(ValueError, match="seed 0"):
+        ev.evaluate_run(runs[0], seed_runs=[runs[0]], test_limit=2)
+
+
+def test_rows_are_grouped_by_image_across_conditions(records):
+    from medvqa.infer import image_key
+
+    cells = build_cells(records[:8], ["true", "swapped", "expert"], INSTRUCTION, seed=0)
+    rows = group_by_image([r for c in cells.values() for r in c])
+    keys = [image_key(r["image"]) for r in rows]
+    runs = [k for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
+    assert len(runs) == len(set(keys))  # every image's rows are consecutive, whatever their condition
+    assert sorted(map(id, rows)) == sorted(id(r) for c in cells.values() for r in c)  # a permutation, nothing lost
+    for k in set(keys):  # a stable sort: each condition keeps its order within an image
+        for c in cells:
+            mine = [r["question_id"] for r in rows if r["condition"] == c and image_key(r["image"]) == k]
+            assert mine == [r["question_id"] for r in cells[c] if image_key(r["image"]) == k]
+
+
+def _predicted(rows, model="base"):
+    df = _fake_cell(rows, model, "yes")
+    df["raw_prediction"] = [f"answer to {q}" for q in df["question_id"]]
+    return df
+
+
+def test_cells_stream_to_disk_and_an_interrupted_run_resumes_only_missing_rows(records, tmp_path):
+    """A 'killed' job (the writer stops mid-stream): finished cells are on disk, unfinished ones are never taken as
+    done, their streamed questions are kept, a torn part write is ignored, and the resumed run predicts only what is
+    missing."""
+    cells = build_cells(records[:10], ["true", "swapped", "expert"], INSTRUCTION, seed=0)
+    writer = CellWriter(tmp_path, "base", cells)
+    assert writer.finished == [] and len(writer.pending()) == 30
+    stream = group_by_image([{**r, "model": "base"} for r in writer.pending()])
+    for i in range(0, 16, 4):  # four batches of four arrive, then the job dies
+        writer.add(_predicted(stream[i:i + 4]))
+    done_rows = {(r["condition"], r["question_id"]) for r in stream[:16]}
+    complete = [c for c in cells if all((c, r["question_id"]) in done_rows for r in cells[c])]
+    for c in cells:  # a cell lands on disk the moment its last question arrives, not at the end of the job
+        assert cell_path(tmp_path, "base", c).exists() == (c in complete)
+        assert parts_dir(tmp_path, "base", c).exists() == (c not in complete and any(k[0] == c for k in done_rows))
+    partial = next(c for c in cells if c not in complete and parts_dir(tmp_path, "base", c).exists())
+    (parts_dir(tmp_path, "base", partial) / "torn.parquet.tmp").write_bytes(b"PAR1 half a file")
+
+    again = CellWriter(tmp_path, "base", cells)
+    assert sorted(again.finished) == sorted(complete)
+    pending = {(r["condition"], r["question_id"]) for r in again.pending()}
+    assert pending == {(c, r["question_id"]) for c in cells for r in cells[c]} - done_rows
+    assert sum(again.reused_rows.values()) == len(done_rows) - sum(len(cells[c]) for c in complete)
+    again.add(_predicted(again.pending()))
+    assert again.done == {} and sorted(again.written) == sorted(set(cells) - set(complete))
+    for c in cells:
+        df = pd.read_parquet(cell_path(tmp_path, "base", c))
+        assert list(df["question_id"]) == [r["question_id"] for r in cells[c]]  # the cell's order, no duplicates
+        assert list(df["raw_prediction"]) == [f"answer to {q}" for q in df["question_id"]]
+        assert not parts_dir(tmp_path, "base", c).exists()
+    assert CellWriter(tmp_path, "base", cells).pending() == []
+
+
+def test_parts_of_another_matrix_are_refused(records, tmp_path):
+    cells = build_cells(records[:6], ["true"], INSTRUCTION)
+    CellWriter(tmp_path, "base", cells).add(_predicted(cells["true"][:2]))
+    other = build_cells(records[6:12], ["true"], INSTRUCTION)
+    with pytest.raises(ValueError, match="not in this matrix"):
+        CellWriter(tmp_path, "base", other)
+
+
 # ------------------------------------------------------------------------------------------------- integration
 
 
@@ -179,7 +266,25 @@ def test_matrix_on_local_ray(ray_local, tiny_run, tmp_path):
         assert "ci" in metrics["image_reliance"][m]["normalized_f1"]
     assert "two_stage_vs_base" in metrics["paired_true"]
     again = run_matrix(cfg, {"base": None, "two_stage": run_dir}, test, tmp_path, **kwargs)
-    assert again["predicted"] == [] and len(again["skipped"]) == 6
+    assert again["predicted"] == [] and len(again["skipped"]) == 6 and again["rows_predicted"] == {}
+
+    # Resume after a kill: two_stage/true lost, two_stage/swapped left as parts holding 5 of its 12 questions (plus
+    # a torn write). Only the 12 + 7 missing rows are predicted, with the answers of the uninterrupted run, and the
+    # image-feature cache off gives the same answers.
+    cell_path(tmp_path, "two_stage", "true").unlink()
+    swapped = frames["two_stage", "swapped"]
+    parts = parts_dir(tmp_path, "two_stage", "swapped")
+    parts.mkdir()
+    swapped.iloc[[0, 3, 4, 8, 11]].to_parquet(parts / "p0.parquet", index=False)
+    (parts / "p1.parquet.tmp").write_bytes(b"PAR1 torn")
+    cell_path(tmp_path, "two_stage", "swapped").unlink()
+    resumed = run_matrix(cfg, {"base": None, "two_stage": run_dir}, test, tmp_path, **kwargs, feature_cache_mb=0)
+    assert resumed["rows_predicted"] == {"two_stage/true": 12, "two_stage/swapped": 7}
+    assert resumed["rows_reused"] == {"two_stage/swapped": 5}
+    assert sorted(resumed["predicted"]) == [["two_stage", "swapped"], ["two_stage", "true"]]
+    assert len(resumed["skipped"]) == 4 and not parts.exists()
+    for c in ("true", "swapped"):
+        pd.testing.assert_frame_equal(pd.read_parquet(cell_path(tmp_path, "two_stage", c)), frames["two_stage", c])
 
 
 @pytest.mark.integration

@@ -10,7 +10,15 @@ from medvqa.config import load_config, to_dict
 from medvqa.data.phantoms import phantom_records
 from medvqa.data.pipeline import collate_fn_for, decode_image, encode_example
 from medvqa.data.records import validate_record
-from medvqa.infer import Predictor, generate_answers, left_pad_collate, predict_dataset
+from medvqa.infer import (
+    FeatureCache,
+    Predictor,
+    feature_scope,
+    generate_answers,
+    image_key,
+    left_pad_collate,
+    predict_dataset,
+)
 from medvqa.metrics import extract_answer
 
 INSTRUCTION = "Answer briefly."
@@ -136,6 +144,122 @@ def test_predictor_call_passes_columns_through(cfg, rows):
     expected = generate_answers(predictor.model, predictor.processor, rows, INSTRUCTION, max_new_tokens=8)
     assert list(out["raw_prediction"]) == [p["raw"] for p in expected]
     assert list(out["predicted_answer"]) == [p["answer"] for p in expected]
+
+
+def _vision_counter(model):
+    """Counts images through the vision encoder (a forward hook on ``vision_model``); returns (counts, handle)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    counts = []
+
+    def hook(module, args, kwargs, output):
+        counts.append(int((kwargs.get("pixel_values") if "pixel_values" in kwargs else args[0]).shape[0]))
+
+    return counts, inner.model.vision_model.register_forward_hook(hook, with_kwargs=True)
+
+
+@pytest.fixture(scope="module")
+def shared_image_rows(rows):
+    """Five questions on three images: rows 0/2 and 1/4 share an image (as true/expert/swapped cells do)."""
+    extra = [{"id": "x0", "image": rows[0]["image"], "prompt": "Is the image normal?"},
+             {"id": "x1", "image": rows[1]["image"], "prompt": "Where is the abnormality?"}]
+    return [rows[0], rows[1], extra[0], rows[2], extra[1]]
+
+
+def test_feature_cache_unit():
+    t = torch.zeros(256)  # 1 KiB of float32
+    cache = FeatureCache(max_mb=3 / 1024)  # room for three
+    for k in "abc":
+        cache.put(k, t.clone())
+    assert cache.get("a") is not None  # a is now the most recent: b is evicted next
+    cache.put("d", t.clone())
+    assert cache.get("b") is None and len(cache) == 3 and cache.bytes == 3 * 1024
+    cache.put("huge", torch.zeros(4096))  # larger than the whole budget: not cached, nothing evicted
+    assert cache.get("huge") is None and len(cache) == 3
+    assert image_key(b"abc") == image_key(bytearray(b"abc")) != image_key(b"abd") and len(image_key(b"")) == 32
+
+
+def test_feature_cache_gives_the_same_answers_and_encodes_each_image_once(base_model, processor, shared_image_rows):
+    rows = shared_image_rows
+    counts, handle = _vision_counter(base_model)
+    try:
+        plain = generate_answers(base_model, processor, rows, INSTRUCTION, max_new_tokens=12)
+        assert sum(counts) == 5  # the pixel path encodes every row's image
+        counts.clear()
+        cache = FeatureCache()
+        cached = generate_answers(base_model, processor, rows, INSTRUCTION, max_new_tokens=12, feature_cache=cache)
+        assert cached == plain  # greedy answers identical, token for token
+        assert sum(counts) == 3 and (cache.misses, cache.hits, len(cache)) == (3, 2, 3)  # one pass per distinct image
+        counts.clear()
+        # another batch (another instruction, the expert cell) on the same images: no encoding at all
+        again = generate_answers(base_model, processor, rows[::-1], "Be brief.", max_new_tokens=12, feature_cache=cache)
+        assert counts == [] and cache.hits == 7
+        assert again == generate_answers(base_model, processor, rows[::-1], "Be brief.", max_new_tokens=12)
+    finally:
+        handle.remove()
+
+
+def test_feature_cache_is_per_adapter_set(cfg, base_model, processor, shared_image_rows, trained_adapter):
+    """A LoRA on the connector changes the features: one cache shared by the base and the tuned model must not
+    serve one's features to the other."""
+    from medvqa.model import load_inference_model
+
+    tuned = load_inference_model(cfg, {"stage2": str(trained_adapter)})
+    assert any("connector" in n and "lora_" in n for n, _ in tuned.named_parameters())  # the check is meaningful
+    assert feature_scope(tuned) != feature_scope(base_model)
+    scope = feature_scope(tuned)
+    with tuned.disable_adapter():  # the same object running as the base model: another scope
+        assert feature_scope(tuned) != scope
+    assert feature_scope(tuned) == scope
+    rows = shared_image_rows
+    cache = FeatureCache()
+    base_cached = generate_answers(base_model, processor, rows, INSTRUCTION, feature_cache=cache)
+    counts, handle = _vision_counter(tuned)
+    try:
+        tuned_cached = generate_answers(tuned, processor, rows, INSTRUCTION, feature_cache=cache)
+        assert sum(counts) == 3  # the tuned model encodes the images itself
+    finally:
+        handle.remove()
+    assert tuned_cached == generate_answers(tuned, processor, rows, INSTRUCTION)
+    assert base_cached == generate_answers(base_model, processor, rows, INSTRUCTION)
+    assert tuned_cached != base_cached
+
+
+def test_predictor_caches_features_by_default(cfg, shared_image_rows):
+    rows = shared_image_rows
+    batch = {"id": np.array([r["id"] for r in rows], dtype=object),
+             "image": np.array([r["image"] for r in rows], dtype=object),
+             "prompt": np.array([r["prompt"] for r in rows], dtype=object),
+             "instruction": np.array([INSTRUCTION, INSTRUCTION, "Be brief.", INSTRUCTION, "Be brief."], dtype=object)}
+    cached = Predictor(to_dict(cfg), instruction=INSTRUCTION, max_new_tokens=8)
+    plain = Predictor(to_dict(cfg), instruction=INSTRUCTION, max_new_tokens=8, feature_cache_mb=0)
+    assert cached.feature_cache is not None and plain.feature_cache is None
+    out, ref = cached(batch), plain(batch)
+    assert list(out["raw_prediction"]) == list(ref["raw_prediction"])
+    assert cached.feature_cache.misses == 3  # two instructions -> two generate calls, still one encoding per image
+
+
+def test_one_predictor_serves_every_model_with_their_own_answers(cfg, base_model, processor, shared_image_rows,
+                                                                 trained_adapter):
+    """Base loaded once, adapters switched per row: each row gets exactly the answer of its own model loaded alone
+    (base: adapters disabled), with the feature cache shared across models."""
+    from medvqa.model import load_inference_model
+
+    rows = shared_image_rows
+    names = ["base", "tuned", "tuned", "base", "tuned", "base", "base", "tuned", "base", "tuned"]
+    batch = {"model": np.array(names, dtype=object),
+             "image": np.array([r["image"] for r in rows * 2], dtype=object),
+             "prompt": np.array([r["prompt"] for r in rows * 2], dtype=object)}
+    predictor = Predictor(to_dict(cfg), instruction=INSTRUCTION, max_new_tokens=10,
+                          models={"base": {}, "tuned": {"stage2": str(trained_adapter)}})
+    out = predictor(batch)
+    tuned = load_inference_model(cfg, {"stage2": str(trained_adapter)})
+    alone = {"base": generate_answers(base_model, processor, rows * 2, INSTRUCTION, max_new_tokens=10),
+             "tuned": generate_answers(tuned, processor, rows * 2, INSTRUCTION, max_new_tokens=10)}
+    assert list(out["raw_prediction"]) == [alone[m][i]["raw"] for i, m in enumerate(names)]
+    assert alone["base"] != alone["tuned"]  # not vacuous
+    assert predictor.feature_cache.misses == 5  # base rows show 3 images, tuned rows 2: per model (LoRA changes them)
+    with pytest.raises(KeyError):
+        predictor({**{k: v[:1] for k, v in batch.items()}, "model": np.array(["other"], dtype=object)})
 
 
 # ------------------------------------------------------------------------------------------------- integration

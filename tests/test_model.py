@@ -326,7 +326,11 @@ def test_saved_adapter_loads_with_plain_peft_and_reproduces_logits(tiny_model_di
     merged = PeftModel.from_pretrained(Idefics2ForConditionalGeneration.from_pretrained(tiny_model_dir),
                                        str(stage1_adapter)).merge_and_unload()
     on_merged = PeftModel.from_pretrained(merged, str(out)).eval()
-    torch.testing.assert_close(_logits(on_merged, batch), expected, rtol=1e-4, atol=1e-4)
+    # float32 rounding of the merged weights grows with the logits and depth (v3 tiny init keeps activations at unit
+    # scale; max |logit| ~7, measured misses up to 1.1e-4): tolerance 1e-4 of the logit scale. An unmerged base
+    # misses by ~0.6 (GUIDE §5), ~1000x outside it.
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(_logits(on_merged, batch), expected, rtol=1e-4, atol=1e-4 * scale)
 
     # the same through run_adapters + load_inference_model
     (tmp_path / "adapters" / "stage1").symlink_to(stage1_adapter, target_is_directory=True)

@@ -111,6 +111,36 @@ def test_report_files_tables_and_provenance(run_dir):
     assert "tiny-run-abc123" in md and "Report generated:" in md
     assert "stage2:" in md and "../config.yaml" in md  # config embedded and linked
     assert "Human evaluation" in md and "human-export" in md
+    assert "Across seeds" not in md and metrics["seeds"] == {}  # one run per model: no across-seed section
+
+
+def test_seeds_are_a_dimension(tmp_path):
+    """Two seeds of two_stage (``two_stage@<seed>``): per-seed values and mean ± SD across seeds in metrics.json and
+    in the report; a model run with one seed gets no across-seed row."""
+    run = make_run(tmp_path)
+    out = run / "eval"
+    other = _cell_frame("two_stage", "true")
+    other["predicted_answer"] = other["raw_prediction"] = ["yes", "no", "chest", "left", "ct", "no", "effusion", "no"]
+    for seed, df in (("0", _cell_frame("two_stage", "true")), ("1", other)):
+        _write_cell(df.assign(model=f"two_stage@{seed}"), cell_path(out, f"two_stage@{seed}", "true"))
+    metrics = score_matrix(out, ["base", "two_stage@0", "two_stage@1"], ["true", "swapped"], n_boot=100, seed=0)
+    em = [metrics["cells"][f"two_stage@{s}"]["true"]["normalized_em"] for s in "01"]
+    assert em == [0.75, 0.75]  # seed 1: 'ct' right, 'no' wrong for q5
+    f1 = [metrics["cells"][f"two_stage@{s}"]["true"]["normalized_f1"] for s in "01"]
+    entry = metrics["seeds"]["two_stage"]["true"]
+    assert entry["n_seeds"] == 2 and entry["seeds"] == ["0", "1"] and set(metrics["seeds"]) == {"two_stage"}
+    assert entry["normalized_f1"]["per_seed"] == {"0": f1[0], "1": f1[1]}
+    assert entry["normalized_f1"]["mean"] == pytest.approx(sum(f1) / 2)
+    assert entry["normalized_f1"]["sd"] == pytest.approx(abs(f1[0] - f1[1]) / 2 ** 0.5)  # sample SD of two values
+    assert entry["normalized_em"]["sd"] == 0.0 and "swapped" not in metrics["seeds"]["two_stage"]  # one seed only
+    metrics["settings"] = {"evaluated": ["base", "two_stage@0", "two_stage@1"], "conditions": ["true", "swapped"]}
+    (out / "metrics.json").write_text(json.dumps(json_ready(metrics)))
+    build_report(run)
+    md = (run / "report" / "report.md").read_text()
+    assert "## Across seeds" in md
+    mean_sd = f"{entry['normalized_f1']['mean']:.3f} ± {entry['normalized_f1']['sd']:.3f}"
+    assert "| two_stage | true | 2 | mean ± sd [min, max] |" in md and mean_sd in md
+    assert "| two_stage | true |  | seed 1 |" in md
 
 
 def test_human_export_only_open_questions(run_dir, tmp_path):
