@@ -454,6 +454,38 @@ def _md_to_html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> s
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+_STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+          "table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px}"
+          "th{background:#eee}pre{background:#f6f6f6;padding:.5em;overflow-x:auto;font-size:12px}img{max-width:100%}")
+
+
+def render_sections(title: str, sections: Sequence[tuple[str, Sequence[tuple[str, Any]]]]) -> tuple[str, str]:
+    """(Markdown, HTML page) of ``sections``: (heading, items), each item (kind, payload) with kind 'text' (str),
+    'table' ((header, rows)), 'image' (path relative to the report) or 'code' (str)."""
+    md, body = [f"# {title}", ""], []
+    for heading, items in sections:
+        md += [f"## {heading}", ""]
+        body.append(f"<h2>{html.escape(heading)}</h2>")
+        for kind, payload in items:
+            if kind == "text":
+                md += [payload, ""]
+                body.append(f"<p>{html.escape(payload).replace(chr(10), '<br>')}</p>")
+            elif kind == "table":
+                md += [_md_table(*payload), ""]
+                body.append(_md_to_html_table(*payload))
+            elif kind == "image":
+                md += [f"![{Path(payload).stem}]({payload})", ""]
+                body.append(f'<img src="{html.escape(payload)}" alt="{html.escape(Path(payload).stem)}">')
+            elif kind == "code":
+                md += ["```", payload.rstrip(), "```", ""]
+                body.append(f"<pre>{html.escape(payload)}</pre>")
+            else:
+                raise ValueError(f"unknown report item kind {kind!r}")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>" + "\n".join(body) + "</body></html>")
+    return "\n".join(md), page
+
+
 def build_report(run_dir: str | os.PathLike, audit: bool = True) -> dict:
     """Write ``RUN_DIR/report/report.md``, ``report.html`` and ``plots/*.png``. Returns the paths written."""
     run_dir = Path(run_dir)
@@ -526,33 +558,9 @@ def build_report(run_dir: str | os.PathLike, audit: bool = True) -> dict:
     sections.append(("Configuration", [("text", f"[config.yaml]({prov['config_path']})"),
                                        ("code", prov["config_text"] or "(config.yaml missing)")]))
 
-    md = [f"# medvqa report: {prov['run_id']}", ""]
-    body = []
-    for title, items in sections:
-        md += [f"## {title}", ""]
-        body.append(f"<h2>{html.escape(title)}</h2>")
-        for kind, payload in items:
-            if kind == "text":
-                md += [payload, ""]
-                body.append(f"<p>{html.escape(payload).replace(chr(10), '<br>')}</p>")
-            elif kind == "table":
-                md += [_md_table(*payload), ""]
-                body.append(_md_to_html_table(*payload))
-            elif kind == "image":
-                md += [f"![{Path(payload).stem}]({payload})", ""]
-                body.append(f'<img src="{html.escape(payload)}" alt="{html.escape(Path(payload).stem)}">')
-            elif kind == "code":
-                md += ["```", payload.rstrip(), "```", ""]
-                body.append(f"<pre>{html.escape(payload)}</pre>")
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px}"
-             "th{background:#eee}pre{background:#f6f6f6;padding:.5em;overflow-x:auto;font-size:12px}"
-             "img{max-width:100%}")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>medvqa report {html.escape(prov['run_id'])}"
-            f"</title><style>{style}</style></head><body><h1>medvqa report: {html.escape(prov['run_id'])}</h1>"
-            + "\n".join(body) + "</body></html>")
+    md, page = render_sections(f"medvqa report: {prov['run_id']}", sections)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.md").write_text("\n".join(md))
+    (out_dir / "report.md").write_text(md)
     (out_dir / "report.html").write_text(page)
     return {"markdown": str(out_dir / "report.md"), "html": str(out_dir / "report.html"),
             "plots": [str(p) for p in (bar, forest) if p], "human": human is not None, "leakage": leak["statement"]}

@@ -34,7 +34,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from medvqa.report import _md_table, _md_to_html_table, _plt, fmt, fmt_ci
+from medvqa.report import _plt, fmt, fmt_ci, render_sections
 
 STATUS_ORDER = ("completed", "stopped", "error", "pending")
 # Two-sided 95% Student-t quantiles for 1..10 degrees of freedom (replicate counts are small); 1.96 beyond 30.
@@ -226,8 +226,6 @@ def plot_curve(space: dict, cells: pd.DataFrame, path: Path) -> Path | None:
 
 def write_report(sweep_dir: str | os.PathLike) -> dict:
     """Write ``<sweep_dir>/report/``; returns the paths written and the best cell."""
-    import html
-
     sweep_dir = Path(sweep_dir)
     space, trials = load_trials(sweep_dir)
     if trials.empty:
@@ -290,24 +288,7 @@ def write_report(sweep_dir: str | os.PathLike) -> dict:
     if not failed.empty:
         sections.append(("Errors", [("table", (["trial", "last line of error.txt", "Tune trial folder"],
                                                failed[["trial_id", "error", "trial_dir"]].values.tolist()))]))
-    md, body = [f"# medvqa sweep: {space['name']}", ""], []
-    for title, items in sections:
-        md += [f"## {title}", ""]
-        body.append(f"<h2>{html.escape(title)}</h2>")
-        for kind, payload in items:
-            if kind == "text":
-                md += [payload, ""]
-                body.append(f"<p>{html.escape(payload).replace(chr(10), '<br>')}</p>")
-            elif kind == "table":
-                md += [_md_table(*payload), ""]
-                body.append(_md_to_html_table(*payload))
-            elif kind == "image":
-                md += [f"![{Path(payload).stem}]({payload})", ""]
-                body.append(f'<img src="{html.escape(payload)}" alt="{html.escape(Path(payload).stem)}">')
-    (out / "report.md").write_text("\n".join(md))
-    (out / "report.html").write_text(
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>medvqa sweep {html.escape(space['name'])}</title>"
-        "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;"
-        "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style></head><body>"
-        f"<h1>medvqa sweep: {html.escape(space['name'])}</h1>" + "\n".join(body) + "</body></html>")
+    md, page = render_sections(f"medvqa sweep: {space['name']}", sections)
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(page)
     return written
