@@ -75,6 +75,8 @@ class DataConfig:
     task: Literal["caption", "vqa"] = doc("vqa", "Which phantom records to generate (caption or question-answer).")
     limit: Optional[int] = doc(None, "Use only the first N records after a seeded shuffle (ROCO subset size).")
     num_records: int = doc(256, "Phantom records to generate.")
+    phantom_anatomy: str = doc("", "Phantoms only: one 'modality/organ' (e.g. 'ct/chest') for every image, with "
+                                   "questions only about the lesion (presence, side, size); '' draws all nine.")
     seed: int = doc(0, "Seed for phantoms and subset sampling.")
     validation_fraction: float = doc(0.0, "Carve about this fraction of the split's images out as a validation set "
                                           "(image-disjoint: every question of an image falls on one side; seeded by "
@@ -258,6 +260,13 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{name}.data.validation_fraction: validation scores answers, so it needs task=vqa")
         if stage.validate_every_n_steps is not None and stage.validate_every_n_steps < 1:
             raise ConfigError(f"{name}.validate_every_n_steps: must be >= 1 (or null for every epoch)")
+        if stage.data.phantom_anatomy:
+            from medvqa.data.phantoms import parse_anatomy  # numpy only
+
+            try:
+                parse_anatomy(stage.data.phantom_anatomy)
+            except ValueError as e:
+                raise ConfigError(f"{name}.data.phantom_anatomy: {e}") from None
         if stage.data.kind != "phantom" and not stage.data.path:
             raise ConfigError(f"{name}.data.path: required for data.kind={stage.data.kind!r}")
     if cfg.lora.r < 1:

@@ -21,7 +21,7 @@ import pytest
 from data_fixtures import DATA, hf_caption_dataset, hf_vqa_dataset, image_bytes
 from PIL import Image
 
-from medvqa.config import DataConfig
+from medvqa.config import ConfigError, DataConfig, load_config
 from medvqa.data import adapters, phantoms
 from medvqa.data.records import COLUMNS, SCHEMA, reason_prefix, reject_summary, validate_batch, validate_record
 
@@ -480,6 +480,20 @@ def test_phantom_answers_consistent_with_meta(phantom_vqa):
     assert 0.42 < closed["yes"] / (closed["yes"] + closed["no"]) < 0.58  # balanced yes/no
     assert set(Counter(r["question_type"] for r in phantom_vqa)) == set(phantoms.QUESTION_TYPES)
     assert {r["target"] for r in phantom_vqa} == set(phantoms.ANSWER_VOCAB)
+
+
+def test_phantoms_of_one_anatomy_ask_only_about_the_lesion():
+    recs = phantoms.phantom_records("vqa", 300, seed=0, split="train", anatomy="ct/chest")
+    metas = [json.loads(r["meta"]) for r in recs]
+    assert {(m["modality"], m["organ"]) for m in metas} == {("ct", "chest")}
+    assert {r["question_type"] for r in recs} == set(phantoms.LESION_QUESTION_TYPES)
+    for r, m in zip(recs, metas):
+        assert r["target"] == _expected_answer(r["prompt"], m)
+    assert {m["lesion"] for m in metas} == {"present", "absent"} and {m["side"] for m in metas} >= {"left", "right"}
+    via_config = list(adapters.iter_raw_records(DataConfig(kind="phantom", num_records=5, phantom_anatomy="ct/chest")))
+    assert via_config == recs[:5]
+    with pytest.raises(ConfigError, match="stage2.data.phantom_anatomy"):
+        load_config("tiny", ["stage2.data.phantom_anatomy=ct/knee"])
 
 
 def test_phantom_records_validate(phantom_vqa):

@@ -392,7 +392,7 @@ def iter_raw_records(data_cfg) -> Iterator[dict]:
         from medvqa.data.phantoms import phantom_record
 
         n = limit if limit is not None else data_cfg.num_records
-        return (phantom_record(i, data_cfg.task, seed, split) for i in range(n))
+        return (phantom_record(i, data_cfg.task, seed, split, data_cfg.phantom_anatomy) for i in range(n))
     readers = {"vqa_rad": vqa_rad_original, "vqa_rad_hf": vqa_rad_hf, "roco": roco_original, "roco_hf": roco_hf,
                "pathvqa": pathvqa_original, "pathvqa_hf": pathvqa_hf, "medhalt": medhalt_fake}
     if kind not in readers:

@@ -28,6 +28,7 @@ SIDES = ("left", "right")
 LESION_SIZES = ("small", "large")
 RADIUS = {"small": 4.0, "large": 10.0}  # pixels at 64 px
 QUESTION_TYPES = ("PRES", "POS", "SIZE", "ORGAN", "MODALITY")
+LESION_QUESTION_TYPES = ("PRES", "POS", "SIZE")
 ANSWER_VOCAB = ("yes", "no", "left", "right", "small", "large", "none", "head", "chest", "abdomen", "ct", "x-ray",
                 "mri")
 # How captions name each modality; a caption always contains this word (tests rely on it).
@@ -175,10 +176,19 @@ def _pick(rng: np.random.Generator, values: tuple) -> str:
 _MODALITY_Q = {"ct": "Is this a CT scan?", "x-ray": "Is this an X-ray?", "mri": "Is this an MRI?"}
 
 
-def _question(rng: np.random.Generator, truth: dict) -> tuple[str, str, str, str]:
-    """Pick a question, adjusting ``truth`` in place so a closed answer is yes with p=0.5.
+def parse_anatomy(anatomy: str) -> tuple[str, str]:
+    """'ct/chest' -> ('ct', 'chest'); a ValueError naming the choices otherwise."""
+    modality, _, organ = anatomy.partition("/")
+    if modality not in MODALITIES or organ not in ORGANS:
+        raise ValueError(f"phantom anatomy {anatomy!r} must be '<modality>/<organ>' with modality in {MODALITIES} "
+                         f"and organ in {ORGANS}")
+    return modality, organ
+
+
+def _question(rng: np.random.Generator, truth: dict, qtypes: tuple = QUESTION_TYPES) -> tuple[str, str, str, str]:
+    """Pick a question of one of ``qtypes``, adjusting ``truth`` in place so a closed answer is yes with p=0.5.
     Returns (question, answer, answer_type, question_type)."""
-    qtype = _pick(rng, QUESTION_TYPES)
+    qtype = _pick(rng, qtypes)
     closed = qtype == "PRES" or rng.random() < 0.5
     if closed:
         yes = bool(rng.random() < 0.5)
@@ -217,15 +227,21 @@ def _rng(task: str, seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(split.encode()), int(index), _TASKS[task]])
 
 
-def phantom_record(index: int, task: str = "vqa", seed: int = 0, split: str = "train") -> dict:
-    """One phantom record (already SCHEMA-shaped, ``meta`` as a JSON string), deterministic per its arguments."""
+def phantom_record(index: int, task: str = "vqa", seed: int = 0, split: str = "train", anatomy: str = "") -> dict:
+    """One phantom record (already SCHEMA-shaped, ``meta`` as a JSON string), deterministic per its arguments.
+    ``anatomy`` ('ct/chest'): every image has that modality and organ and every question is about the lesion
+    (presence, side, size), so every image-dependent answer needs the lesion to be read; '' draws all nine."""
     if task not in _TASKS:
         raise ValueError(f"phantom task must be one of {list(_TASKS)}, got {task!r}")
+    modalities, organs, qtypes = MODALITIES, ORGANS, QUESTION_TYPES
+    if anatomy:
+        modality, organ = parse_anatomy(anatomy)
+        modalities, organs, qtypes = (modality,), (organ,), LESION_QUESTION_TYPES
     rng = _rng(task, seed, split, index)
-    truth = {"modality": _pick(rng, MODALITIES), "organ": _pick(rng, ORGANS), "lesion": bool(rng.random() < 0.5),
+    truth = {"modality": _pick(rng, modalities), "organ": _pick(rng, organs), "lesion": bool(rng.random() < 0.5),
              "side": _pick(rng, SIDES), "size": _pick(rng, LESION_SIZES)}
     if task == "vqa":
-        prompt, target, answer_type, question_type = _question(rng, truth)
+        prompt, target, answer_type, question_type = _question(rng, truth, qtypes)
     else:
         prompt, target, answer_type, question_type = "", caption(truth, int(rng.integers(2))), "", ""
     image = encode_png(render_phantom(truth["modality"], truth["organ"], truth["lesion"], truth["side"],
@@ -245,6 +261,7 @@ def phantom_record(index: int, task: str = "vqa", seed: int = 0, split: str = "t
     }
 
 
-def phantom_records(task: str = "vqa", n: int = 256, seed: int = 0, split: str = "train") -> list[dict]:
+def phantom_records(task: str = "vqa", n: int = 256, seed: int = 0, split: str = "train",
+                    anatomy: str = "") -> list[dict]:
     """Records 0..n-1; any prefix of a longer list is the shorter list (indices are independent draws)."""
-    return [phantom_record(i, task, seed, split) for i in range(n)]
+    return [phantom_record(i, task, seed, split, anatomy) for i in range(n)]

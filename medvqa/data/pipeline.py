@@ -57,10 +57,10 @@ class TooManyRejects(RuntimeError):
 # ------------------------------------------------------------------------------------------------- pass 1
 
 
-def _phantom_batch(batch: dict, task: str, seed: int, split: str) -> dict:
+def _phantom_batch(batch: dict, task: str, seed: int, split: str, anatomy: str) -> dict:
     from medvqa.data.phantoms import phantom_record
 
-    rows = [phantom_record(int(i), task, seed, split) for i in batch["id"]]
+    rows = [phantom_record(int(i), task, seed, split, anatomy) for i in batch["id"]]
     return {k: [r.get(k) for r in rows] for k in rows[0]}
 
 
@@ -76,7 +76,8 @@ def raw_datasets(data: DataConfig, parallelism: int = 8):
     if data.kind == "phantom":
         n = data.limit if data.limit is not None else data.num_records
         yield ray.data.range(n, override_num_blocks=max(1, min(parallelism, n // _RAW_CHUNK or 1))).map_batches(
-            _phantom_batch, fn_kwargs={"task": data.task, "seed": data.seed, "split": data.split},
+            _phantom_batch, fn_kwargs={"task": data.task, "seed": data.seed, "split": data.split,
+                                       "anatomy": data.phantom_anatomy},
             batch_format="numpy", batch_size=_RAW_CHUNK)
         return
     from medvqa.data.adapters import iter_raw_records
