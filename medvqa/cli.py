@@ -261,16 +261,11 @@ def sweep_run(overrides: Optional[List[str]] = typer.Argument(None, help="Dotted
               report: bool = typer.Option(True, help="Write the sweep report at the end.")) -> None:
     """Run a sweep; the same command continues an interrupted one (same as `python tune/sweep.py`)."""
     from medvqa.config import ConfigError
-    from medvqa.sweep import load_space, space_path
+    from medvqa.sweep import load_space
 
     changes = {k: v for k, v in (("num_samples", num_samples), ("max_concurrent", max_concurrent)) if v is not None}
     try:
-        if overrides:
-            import yaml
-
-            base = yaml.safe_load(space_path(preset).read_text()) or {}
-            changes["overrides"] = list(base.get("overrides") or []) + list(overrides)
-        space = load_space(preset, changes)
+        space = load_space(preset, changes, overrides or [])
     except ConfigError as e:
         typer.echo(f"config error: {e}", err=True)
         raise typer.Exit(2)

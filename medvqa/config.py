@@ -231,15 +231,22 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-def preset_path(preset: str) -> Path:
-    """A preset name (``paper``) or a path to a YAML file (e.g. a sweep's best config)."""
-    path = Path(preset)
+def named_yaml(name: str, folder: Path, what: str) -> Path:
+    """``name`` as an existing YAML path, else ``folder/<name>.yaml``; a ConfigError saying ``what`` is unknown and
+    listing the known names otherwise."""
+    path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.exists():
         return path
-    path = PRESETS_DIR / f"{preset}.yaml"
+    path = folder / f"{name}.yaml"
     if not path.exists():
-        raise ConfigError(f"unknown preset {preset!r} (known: {', '.join(list_presets())}; or pass a YAML path)")
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise ConfigError(f"{what} {name!r} (known: {', '.join(known)}; or pass a YAML path)")
     return path
+
+
+def preset_path(preset: str) -> Path:
+    """A preset name (``paper``) or a path to a YAML file (e.g. a sweep's best config)."""
+    return named_yaml(preset, PRESETS_DIR, "unknown preset")
 
 
 def validate(cfg: Config) -> Config:

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from medvqa.config import ConfigError, load_config
+from medvqa.config import ConfigError, load_config, named_yaml
 from medvqa.runs import RUNS_BASE_ENV, run_dir_for, write_json
 
 log = logging.getLogger("medvqa.sweep")
@@ -70,27 +70,26 @@ class SweepSpace:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def base_config(self):
+        """The base preset with the space's overrides: what every trial shares before its sampled parameters."""
+        return load_config(self.preset, list(self.overrides))
+
 
 def space_path(preset_or_path: str) -> Path:
-    path = Path(preset_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        return path
-    path = SPACES_DIR / f"{preset_or_path}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
-        raise ConfigError(f"no search space {preset_or_path!r} (known in {SPACES_DIR}: {', '.join(known)}; or pass "
-                          "a YAML path)")
-    return path
+    return named_yaml(preset_or_path, SPACES_DIR, "no search space")
 
 
-def load_space(preset_or_path: str = "tiny", changes: dict | None = None) -> SweepSpace:
-    """A search space from ``tune/<name>.yaml`` (or a path), with top-level ``changes`` (e.g. num_samples), checked:
-    unknown keys, malformed parameter specs and parameter keys the config does not have are errors naming them."""
+def load_space(preset_or_path: str = "tiny", changes: dict | None = None, overrides: list[str] = ()) -> SweepSpace:
+    """A search space from ``tune/<name>.yaml`` (or a path), with top-level ``changes`` (e.g. num_samples) and config
+    ``overrides`` appended to the space's, checked: unknown keys, malformed parameter specs and parameter keys the
+    config does not have are errors naming them."""
     path = space_path(preset_or_path)
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a search space must be a mapping")
     data = {**data, **(changes or {})}
+    if overrides:
+        data["overrides"] = list(data.get("overrides") or []) + list(overrides)
     known = {f.name for f in dataclasses.fields(SweepSpace)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -177,8 +176,7 @@ def asha_max_t(space: SweepSpace) -> int:
     """Validation rounds in a full trial: one per stage-2 epoch unless ``asha.max_t`` says otherwise."""
     if space.asha and "max_t" in space.asha:
         return int(space.asha["max_t"])
-    cfg = load_config(space.preset, list(space.overrides))
-    return max(1, math.ceil(cfg.stage2.epochs))
+    return max(1, math.ceil(space.base_config().stage2.epochs))
 
 
 def space_hash(space: SweepSpace) -> str:
@@ -218,7 +216,7 @@ def max_concurrent_trials(space: SweepSpace, cluster: dict) -> int:
     workers take (a GPU run), or its CPUs over a trial's Train workers and data tasks (a CPU run)."""
     if space.max_concurrent:
         return space.max_concurrent
-    r = load_config(space.preset, list(space.overrides)).resources
+    r = space.base_config().resources
     if r.use_gpu:
         gpus = int(cluster.get("GPU", 0))
         if gpus < r.num_workers:
@@ -273,7 +271,7 @@ def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool =
     sdir = sweep_dir_for(space)
     sdir.mkdir(parents=True, exist_ok=True)
     (sdir / "space.yaml").write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
-    base = load_config(space.preset, list(space.overrides))
+    base = space.base_config()
     resolve_model_path(base.model)  # build the tiny model once, before trials race for it
     init_ray(base, ray_temp_dir)
     trainable = tune.with_resources(tune.with_parameters(trial_fn, space=space.to_dict(), sweep_dir=str(sdir)),
