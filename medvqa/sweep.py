@@ -211,19 +211,77 @@ def tune_param_space(space: SweepSpace) -> dict:
     return out
 
 
-def max_concurrent_trials(space: SweepSpace, cluster: dict) -> int:
-    """Trials that fit at once: ``max_concurrent`` when given; else the cluster's GPUs over the GPUs a trial's
-    workers take (a GPU run), or its CPUs over a trial's Train workers and data tasks (a CPU run)."""
+LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"  # `ray up` writes the cluster config here on the head node
+
+
+def launcher_max_resources(config: dict) -> dict:
+    """The most of each resource a cluster-launcher config lets the cluster have: the head node's, plus, per resource,
+    the worker node types richest in it, each up to its ``max_workers``, all together up to the cluster's
+    ``max_workers`` (Ray's defaults: a type's ``max_workers`` is the cluster's, the head type's is 0)."""
+    types = config.get("available_node_types") or {}
+    head = config.get("head_node_type")
+    budget = config.get("max_workers", 0)
+    total = dict(types.get(head, {}).get("resources") or {})
+    workers = [(t.get("resources") or {}, t.get("max_workers", 0 if name == head else budget))
+               for name, t in types.items()]
+    for key in {k for res, _ in workers for k in res}:
+        left = budget
+        for res, count in sorted(workers, key=lambda w: -w[0].get(key, 0)):
+            take = min(count, left)
+            total[key] = total.get(key, 0) + take * res.get(key, 0)
+            left -= take
+    return total
+
+
+def cluster_max_resources(launcher_config: str | os.PathLike = LAUNCHER_CONFIG) -> dict | None:
+    """The most resources the connected cluster can scale to, or None where Ray does not tell.
+
+    Sources, in order: the cluster config an autoscaler publishes in the GCS (what Ray Train V2 and Ray Data read;
+    Ray 2.60's own autoscalers do not publish it yet), then the cluster launcher's config on the head node, where
+    `ray job submit` drivers run (``ray up`` writes it; Tune reads the same file). KubeRay's autoscaler publishes
+    neither, so on KubeRay the sweep needs ``max_concurrent``."""
+    try:
+        from ray._private.state import state
+
+        published = state.get_max_resources_from_cluster_config()
+    except Exception as e:  # a private API: gone or changed in another Ray version -> the next source
+        log.debug("no cluster config from the GCS: %s", e)
+        published = None
+    if published:
+        log.info("cluster maximum (autoscaler config in the GCS): %s", published)
+        return published
+    path = Path(launcher_config).expanduser()
+    if path.is_file():
+        maximum = launcher_max_resources(yaml.safe_load(path.read_text()) or {})
+        log.info("cluster maximum (cluster launcher config %s): %s", path, maximum)
+        return maximum
+    return None
+
+
+def max_concurrent_trials(space: SweepSpace, present: dict, maximum: dict | None = None) -> int:
+    """Trials that run at once: ``max_concurrent`` when given; else (at most ``num_samples``) the GPUs over the GPUs a
+    trial's workers take (a GPU run), or the CPUs over a trial's Train workers and data tasks (a CPU run), counting
+    the most the cluster can scale to (``maximum``, from ``cluster_max_resources``) or else what is ``present``.
+    An autoscaling cluster whose GPU nodes start at zero has no GPU present: without a known maximum that is an error
+    saying what to set, never a guess."""
     if space.max_concurrent:
         return space.max_concurrent
     r = space.base_config().resources
+    have = {k: max(present.get(k, 0), (maximum or {}).get(k, 0)) for k in ("CPU", "GPU")}
     if r.use_gpu:
-        gpus = int(cluster.get("GPU", 0))
-        if gpus < r.num_workers:
-            raise RuntimeError(f"the cluster has {gpus} GPU(s); a trial needs {r.num_workers}")
-        return gpus // r.num_workers
-    per_trial = r.num_workers * r.cpus_per_worker + r.data_concurrency * r.data_cpus_per_task
-    return max(1, int(cluster.get("CPU", 1) // per_trial))
+        if have["GPU"] < r.num_workers:
+            seen = ("at most, by its autoscaling config" if maximum else
+                    "now, and Ray publishes no autoscaling maximum for it (an autoscaling cluster may start its GPU "
+                    "nodes on demand, from zero, as on KubeRay)")
+            raise RuntimeError(
+                f"the cluster has {have['GPU']:g} GPU(s) {seen}; a trial needs {r.num_workers} "
+                "(resources.num_workers). Set how many trials run at once: max_concurrent in the search space "
+                f"({space.name}) or --max-concurrent N, with N = the GPUs the cluster can scale to / {r.num_workers}")
+        derived = int(have["GPU"] // r.num_workers)
+    else:
+        per_trial = r.num_workers * r.cpus_per_worker + r.data_concurrency * r.data_cpus_per_task
+        derived = max(1, int(have["CPU"] // per_trial))
+    return min(derived, space.num_samples)
 
 
 def _tune_callback(metric: str, extra: dict):
@@ -283,7 +341,7 @@ def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool =
     else:
         import optuna
 
-        concurrent = max_concurrent_trials(space, ray.cluster_resources())
+        concurrent = max_concurrent_trials(space, ray.cluster_resources(), cluster_max_resources())
         sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.tpe_startup_trials)
         searcher = OptunaSearch(metric=space.metric, mode=space.mode, sampler=sampler, study_name=space.name,
                                 storage=optuna.storages.RDBStorage(f"sqlite:///{sdir / 'optuna.db'}"))
