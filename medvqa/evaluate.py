@@ -511,7 +511,8 @@ def run_matrix(cfg: Config | Mapping, models: Mapping[str, str | os.PathLike | N
                 rows_predicted[key] = rows_predicted.get(key, 0) + 1
             rows += group_by_image([{**r, "model": name} for r in pending])  # model-major: features are per model
     # Cost per cell (the report's): cells interleave in one job, so each streamed block's wall time (since the
-    # previous block) is split over its rows; a cell's seconds add up over its rows, all cells' to the job's.
+    # previous block) is split over its rows, and the wait for the first block (actor start-up, model load) over all
+    # rows; the cells' seconds add up to the job's.
     timing: dict[str, dict] = {}
     gpus = concurrency if cfg.resources.use_gpu else 0  # infer.predict_dataset: 1 GPU per actor
     if rows:
@@ -519,10 +520,12 @@ def run_matrix(cfg: Config | Mapping, models: Mapping[str, str | os.PathLike | N
         for df in _predict_rows(rows, cfg, todo, max_new_tokens, concurrency, cpus_per_actor, batch_size,
                                 feature_cache_mb):
             now = time.perf_counter()
-            for (name, c), part in df.groupby(["model", "condition"], sort=False):
-                t = timing.setdefault(f"{name}/{c}", {"rows": 0, "seconds": 0.0, "gpus": gpus})
-                t["rows"] += len(part)
-                t["seconds"] += (now - t_last) * len(part) / len(df)
+            if not timing:
+                timing = {k: {"rows": n, "seconds": (now - t_last) * n / len(rows), "gpus": gpus}
+                          for k, n in rows_predicted.items()}
+            else:
+                for (name, c), part in df.groupby(["model", "condition"], sort=False):
+                    timing[f"{name}/{c}"]["seconds"] += (now - t_last) * len(part) / len(df)
             t_last = now
             for name, part in df.groupby("model", sort=False):
                 writers[str(name)].add(part)

@@ -320,9 +320,9 @@ CURVE_VAL_METRICS = ("val_normalized_em", "val_normalized_f1", "val_closed_accur
 
 def training_log(run_dir: str | os.PathLike) -> dict[str, dict[str, list[dict]]]:
     """stage -> {'steps': step rows, 'validation': rows, 'resumed' / 'start' / 'end': those events, 'times': the
-    ``time`` of every record} from ``metrics.jsonl`` (through ``runs.read_metrics``), in file order. Steps and validation rounds are kept once, the
-    last row written winning (a resumed stage repeats the steps after its checkpoint; the repeat is what the model
-    finally trained on)."""
+    ``time`` of every record} from ``metrics.jsonl`` (through ``runs.read_metrics``), in file order. Steps and
+    validation rounds are kept once, the last row written winning (a resumed stage repeats the steps after its
+    checkpoint; the repeat is what the model finally trained on)."""
     from medvqa.runs import read_metrics
 
     out: dict[str, dict[str, Any]] = {}
@@ -366,9 +366,9 @@ def plot_training(stage: str, log_: Mapping[str, list[dict]], path: Path) -> Pat
                     line, = ax.plot(x, y, marker="o", ms=4, label=k.removeprefix("val_"))
                     ax.fill_between(x, ci[:, 0], ci[:, 1], color=line.get_color(), alpha=0.12)
             ax.set_ylim(0, 1.02)
-            ax.set_title(f"validation ({len(val)} round{'s' if len(val) > 1 else ''}, n={val[-1].get('val_n', '?')})",
-                         fontsize=10)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, ncol=2, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+            ax.set_xlabel(f"step ({len(val)} validation round{'s' if len(val) > 1 else ''}, "
+                          f"{val[-1].get('val_n', '?')} questions)")
         else:
             ax.plot([r["step"] for r in steps], [r[panel] for r in steps], marker="." if len(steps) < 40 else None,
                     color="C0" if panel == "loss" else "C2")
@@ -379,8 +379,8 @@ def plot_training(stage: str, log_: Mapping[str, list[dict]], path: Path) -> Pat
                 ax.axvline(e.get("step", 0), color="grey", lw=0.8, ls="--", label="resumed" if i == 0 else None)
             if log_["resumed"] and panel == "loss":
                 ax.legend(fontsize=7)
+            ax.set_xlabel("step")
         ax.set_xlim(left=0)
-        ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -407,12 +407,13 @@ def _attempt_seconds(log_: Mapping[str, list]) -> tuple[int, float]:
 
 def stage_cost(run_dir: str | os.PathLike, cfg: Mapping | None = None,
                logs: Mapping[str, Mapping] | None = None) -> list[dict]:
-    """Per stage: attempts, wall seconds, steps, training samples/s and tokens/s, validation seconds and, when
-    ``resources.use_gpu``, GPU-hours (workers x 1 GPU each x wall time).
+    """Per stage: attempts, wall seconds, steps, training samples/s and tokens/s (overall and steady), validation
+    seconds and, when ``resources.use_gpu``, GPU-hours (workers x 1 GPU each x wall time).
 
-    Throughput is the time-weighted mean of the logged windows (each row's rates cover the steps since the
-    previous logged row; a window's duration is its steps / samples_per_s up to the constant global batch), so it
-    is the speed of the training loop itself, without start-up, checkpoints and validation (those are in wall time).
+    Each logged row's rates cover the steps since the previous logged row (a window; its duration is its steps /
+    samples_per_s up to the constant global batch). Overall throughput is the time-weighted mean over the windows:
+    the training loop including its waits for data (each epoch restarts the Ray Data pipeline) and checkpoint saves,
+    without model loading and validation (those are in the wall time). Steady throughput is the median window.
     """
     run_dir = Path(run_dir)
     cfg = cfg if cfg is not None else _read_yaml(run_dir / "config.yaml")
@@ -431,10 +432,12 @@ def stage_cost(run_dir: str | os.PathLike, cfg: Mapping | None = None,
             prev = r["step"]
         w = np.array(w, float)
         mean = lambda v: float(np.sum(w * np.array(v, float)) / w.sum()) if len(w) and w.sum() > 0 else None
+        median = lambda v: float(np.nanmedian(v)) if len(v) else None
         attempts, seconds = _attempt_seconds(log_)
         out.append({"stage": stage, "attempts": attempts, "seconds": seconds if attempts else None,
                     "steps": steps[-1]["step"] if steps else None,
                     "samples_per_s": mean(sps), "tokens_per_s": mean(tps),
+                    "steady_samples_per_s": median(sps), "steady_tokens_per_s": median(tps),
                     "validation_seconds": sum(float(r.get("val_seconds") or 0) for r in log_["validation"]),
                     "gpus": gpus, "gpu_hours": gpus * seconds / 3600 if gpus and attempts else None})
     return out
@@ -444,7 +447,8 @@ def cell_cost(metrics: Mapping) -> list[dict]:
     """Per matrix cell, from ``metrics.json``'s ``timing`` (written by the evaluation): questions predicted while
     timed, their share of the prediction job's wall seconds, questions/s and, on GPUs, GPU-hours (seconds x the
     job's GPUs). Cells interleave in one Ray Data job, so a cell's seconds are the wall time of the streamed blocks
-    that carried its rows, split over the rows of each block; the cells' seconds add up to the job's."""
+    that carried its rows, split over the rows of each block, plus its questions' share of the wait for the first
+    block (actor start-up and model load); the cells' seconds add up to the job's."""
     timing = (metrics.get("timing") or {}).get("cells") or {}
     out = []
     for m, c, _ in _cells(metrics):
@@ -676,23 +680,28 @@ def training_items(logs: Mapping[str, Mapping], curves: Sequence[Path], out_dir:
 def cost_items(stages: Sequence[dict], cells: Sequence[dict]) -> list[tuple[str, Any]]:
     num = lambda x, d=1: fmt(x, d) if x is not None else "—"
     items: list[tuple[str, Any]] = [
-        ("text", "Wall time of every training attempt (a killed one up to its last record); samples/s and tokens/s "
-                 "of the training loop itself (time-weighted over the logged windows, without start-up, "
-                 "checkpoints and validation); GPU-hours = workers x 1 GPU x wall time (— on CPU).")]
+        ("text", "Wall time of every training attempt (a killed one up to its last record). Samples/s and tokens/s "
+                 "of the training loop over all its logged windows (time-weighted: with its waits for data, as each "
+                 "epoch restarts the data pipeline, and checkpoint saves; without model loading and validation), "
+                 "and steady: the median window. GPU-hours = workers x 1 GPU x wall time (— on CPU).")]
     if stages:
         rows = [[s["stage"], str(s["attempts"]), num(s["seconds"]), num(s["steps"], 0), num(s["samples_per_s"], 2),
-                 num(s["tokens_per_s"], 0), num(s["validation_seconds"]), num(s["gpu_hours"], 3)] for s in stages]
+                 num(s["tokens_per_s"], 0), num(s["steady_samples_per_s"], 2), num(s["steady_tokens_per_s"], 0),
+                 num(s["validation_seconds"]), num(s["gpu_hours"], 3)] for s in stages]
         gpu_hours = [s["gpu_hours"] for s in stages if s["gpu_hours"] is not None]
-        rows.append(["total", str(sum(s["attempts"] for s in stages)),
-                     num(sum(s["seconds"] or 0 for s in stages)), "", "", "",
+        seconds = [s["seconds"] for s in stages if s["seconds"] is not None]
+        rows.append(["total", str(sum(s["attempts"] for s in stages)), num(sum(seconds)) if seconds else "—",
+                     "", "", "", "", "",
                      num(sum(s["validation_seconds"] for s in stages)), num(sum(gpu_hours), 3) if gpu_hours else "—"])
-        items.append(("table", (("stage", "attempts", "wall s", "steps", "samples/s", "tokens/s", "validation s",
-                                 "GPU-hours"), rows)))
+        items.append(("table", (("stage", "attempts", "wall s", "steps", "samples/s", "tokens/s", "steady samples/s",
+                                 "steady tokens/s", "validation s", "GPU-hours"), rows)))
     else:
         items.append(("text", "No training records in metrics.jsonl."))
     items.append(("text", "Evaluation matrix: each cell's share of the prediction job's wall time (cells run "
-                          "interleaved in one Ray Data job; their seconds add up to the job's), questions/s and "
-                          "GPU-hours (— on CPU). Questions kept from an interrupted evaluation were not timed."))
+                          "interleaved in one Ray Data job: a streamed block's time is split over its questions, the "
+                          "start-up before the first block over all questions; the cells' seconds add up to the "
+                          "job's), questions/s and GPU-hours (— on CPU). Questions kept from an interrupted "
+                          "evaluation were not timed."))
     if cells:
         rows = [[c["model"], c["condition"], str(c["questions"]), num(c["seconds"]), num(c["questions_per_s"], 2),
                  num(c["gpu_hours"], 4)] for c in cells]
@@ -787,4 +796,5 @@ def build_report(run_dir: str | os.PathLike, audit: bool = True) -> dict:
     (out_dir / "report.md").write_text(md)
     (out_dir / "report.html").write_text(page)
     return {"markdown": str(out_dir / "report.md"), "html": str(out_dir / "report.html"),
-            "plots": [str(p) for p in (bar, forest, *curves) if p], "human": human is not None, "leakage": leak["statement"]}
+            "plots": [str(p) for p in (bar, forest, *curves) if p], "human": human is not None,
+            "leakage": leak["statement"]}

@@ -61,7 +61,8 @@ def _cell_frame(model: str, condition: str) -> pd.DataFrame:
 # windows of 5 steps at 10, 10, 20, 20 samples/s (100, 100, 400, 400 tokens/s). stage2: killed 30 s after its start
 # (last record), resumed from the step-5 checkpoint, finished in 50 s; steps 10 and validation round 1 were
 # repeated by the resume (the repeat counts). Training throughput is time-weighted: each window lasts steps /
-# samples_per_s, so stage1 runs 20 / 1.5 = 13.33 samples/s and 300 / 1.5 = 200 tokens/s, stage2 15 / 1.25 = 12.
+# samples_per_s, so stage1 runs 20 / 1.5 = 13.33 samples/s and 300 / 1.5 = 200 tokens/s, stage2 15 / 1.25 = 12 and
+# 150 / 1.25 = 120; steady (the median window) 15 and 250, 16 and 160.
 def _step(stage, step, t, sps, loss, tps=None, lr=1e-3):
     return {"stage": stage, "step": step, "total_steps": 20 if stage == "stage1" else 15, "epoch": 0, "loss": loss,
             "lr": lr, "samples_per_s": sps, "tokens_per_s": tps if tps is not None else 10 * sps, "time": t}
@@ -177,6 +178,8 @@ def test_training_curves_and_cost_per_stage_and_cell(run_dir):
     assert cost["stage1"]["tokens_per_s"] == pytest.approx(200.0)
     assert (cost["stage2"]["attempts"], cost["stage2"]["seconds"]) == (2, 80.0)  # killed 30 s + resumed 50 s
     assert cost["stage2"]["samples_per_s"] == pytest.approx(12.0) and cost["stage2"]["validation_seconds"] == 4.0
+    assert (cost["stage1"]["steady_samples_per_s"], cost["stage1"]["steady_tokens_per_s"]) == (15.0, 250.0)
+    assert (cost["stage2"]["steady_samples_per_s"], cost["stage2"]["steady_tokens_per_s"]) == (16.0, 160.0)
     assert cost["stage1"]["gpu_hours"] is None  # the tiny preset trains on CPU
     gpu = {c["stage"]: c for c in stage_cost(run_dir, cfg={"resources": {"use_gpu": True, "num_workers": 2}})}
     assert gpu["stage2"]["gpus"] == 2 and gpu["stage2"]["gpu_hours"] == pytest.approx(2 * 80 / 3600)
@@ -190,27 +193,27 @@ def test_training_curves_and_cost_per_stage_and_cell(run_dir):
     md = (run_dir / "report" / "report.md").read_text()
     assert "## Training curves (Figure 4)" in md and "![training_stage2](plots/training_stage2.png)" in md
     assert "| stage2 | 1 | 10 | 24 | 0.400 [0.300, 0.500] | 0.450 [0.350, 0.550] |" in md  # validation rounds
-    assert "| stage1 | 1 | 40.0 | 20 | 13.33 | 200 | 0.0 | — |" in md
-    assert "| stage2 | 2 | 80.0 | 15 | 12.00 | 120 | 4.0 | — |" in md
+    assert "| stage1 | 1 | 40.0 | 20 | 13.33 | 200 | 15.00 | 250 | 0.0 | — |" in md
+    assert "| stage2 | 2 | 80.0 | 15 | 12.00 | 120 | 16.00 | 160 | 4.0 | — |" in md
     assert "| total | 3 | 120.0 |" in md
     assert "| base | true | 8 | 4.0 | 2.00 | — |" in md and "| total |  | 24 | 14.0 | 1.71 | — |" in md
 
 
 def test_run_matrix_times_every_cell(records_and_cfg, tmp_path, monkeypatch):
     """run_matrix records each cell's questions and its share of the prediction job's wall time (no Ray: the job is
-    replaced by one that streams two blocks, each 'taking' a known time); a later call keeps the timing of the
-    cells it skips."""
+    replaced by one that streams two blocks, each 'taking' a known time): the wait for the first block is shared by
+    all rows, a later block's time by its rows. A later call keeps the timing of the cells it skips."""
     import medvqa.evaluate as ev
 
     cfg, records = records_and_cfg
     clock = {"now": 100.0}
     monkeypatch.setattr("time.perf_counter", lambda: clock["now"])
-    first_block = []
+    last_block = []
 
     def fake_job(rows, *a, **k):
         df = pd.DataFrame(rows).drop(columns=["image"]).assign(raw_prediction="yes", predicted_answer="yes")
         clock["now"] += 3.0  # the first block (6 of the 8 rows, conditions interleaved by image) takes 3 s
-        first_block.extend(df["condition"].iloc[:6])
+        last_block.extend(df["condition"].iloc[6:])
         yield df.iloc[:6]
         clock["now"] += 1.0  # the last 2 rows 1 s
         yield df.iloc[6:]
@@ -218,9 +221,9 @@ def test_run_matrix_times_every_cell(records_and_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "_predict_rows", fake_job)
     out = ev.run_matrix(cfg, {"base": None}, records, tmp_path, conditions=["true", "swapped"], n_boot=50)
     timing = out["metrics"]["timing"]["cells"]
-    n_true = first_block.count("true")
+    n_true = last_block.count("true")
     assert timing["base/true"]["rows"] == 4 and timing["base/swapped"]["rows"] == 4
-    assert timing["base/true"]["seconds"] == pytest.approx(3.0 * n_true / 6 + 1.0 * (4 - n_true) / 2)
+    assert timing["base/true"]["seconds"] == pytest.approx(3.0 * 4 / 8 + 1.0 * n_true / 2)
     assert timing["base/true"]["seconds"] + timing["base/swapped"]["seconds"] == pytest.approx(4.0)
     assert timing["base/true"]["gpus"] == 0
     again = ev.run_matrix(cfg, {"base": None}, records, tmp_path, conditions=["true", "swapped"], n_boot=50)
