@@ -475,7 +475,9 @@ def run_matrix(cfg: Config | Mapping, models: Mapping[str, str | os.PathLike | N
     {"model/condition": n}, "rows_reused": {"model/condition": n} (kept from an interrupted run's parts),
     "metrics_path": ...}``.
     """
-    from medvqa.runs import write_json
+    import time
+
+    from medvqa.runs import read_json, write_json
 
     cfg = cfg if isinstance(cfg, Config) else from_dict(dict(cfg))
     out_dir = Path(out_dir)
@@ -508,9 +510,23 @@ def run_matrix(cfg: Config | Mapping, models: Mapping[str, str | os.PathLike | N
                 key = f"{name}/{r['condition']}"
                 rows_predicted[key] = rows_predicted.get(key, 0) + 1
             rows += group_by_image([{**r, "model": name} for r in pending])  # model-major: features are per model
+    # Cost per cell (the report's): cells interleave in one job, so each streamed block's wall time (since the
+    # previous block) is split over its rows, and the wait for the first block (actor start-up, model load) over all
+    # rows; the cells' seconds add up to the job's.
+    timing: dict[str, dict] = {}
+    gpus = concurrency if cfg.resources.use_gpu else 0  # infer.predict_dataset: 1 GPU per actor
     if rows:
+        t_last = time.perf_counter()
         for df in _predict_rows(rows, cfg, todo, max_new_tokens, concurrency, cpus_per_actor, batch_size,
                                 feature_cache_mb):
+            now = time.perf_counter()
+            if not timing:
+                timing = {k: {"rows": n, "seconds": (now - t_last) * n / len(rows), "gpus": gpus}
+                          for k, n in rows_predicted.items()}
+            else:
+                for (name, c), part in df.groupby(["model", "condition"], sort=False):
+                    timing[f"{name}/{c}"]["seconds"] += (now - t_last) * len(part) / len(df)
+            t_last = now
             for name, part in df.groupby("model", sort=False):
                 writers[str(name)].add(part)
                 if progress is not None:
@@ -520,6 +536,9 @@ def run_matrix(cfg: Config | Mapping, models: Mapping[str, str | os.PathLike | N
             raise RuntimeError(f"model {name}: cells {sorted(writer.done)} incomplete after the job")
         predicted += [[name, c] for c in writer.written]
     metrics = score_matrix(out_dir, evaluated, list(cells), n_boot=n_boot, seed=seed)
+    earlier = (read_json(out_dir / "metrics.json", {}).get("timing") or {}).get("cells") or {}
+    metrics["timing"] = {"cells": {**{f"{m}/{c}": earlier[f"{m}/{c}"] for m, c in skipped if f"{m}/{c}" in earlier},
+                                   **timing}}
     metrics["settings"] = {
         "models": {m: (str(models[m]) if models[m] is not None else None) for m in models},
         "evaluated": evaluated, "conditions": list(cells), "seed": seed, "n_questions": len(test_records),

@@ -4,8 +4,10 @@ and the clinician (human) evaluation round trip.
 * ``build_report(run_dir)``: the Figure-2 style table (model × condition, study metrics and standard ones, each
   "mean [lo, hi]"), breakdowns by answer / question type, image reliance (true → swapped drop), Med-HALT
   abstention, paired tests between models, the leakage statement, provenance (run id, config.yaml, git commit,
-  generation time), and -- once merged -- the human-evaluation table. The HTML is self-contained except for the
-  PNGs, referenced by relative path (``plots/*.png``).
+  generation time), the training curves of every stage (the study's Figure 4: loss and lr per step, validation
+  metrics per round, from ``metrics.jsonl``), the cost of every stage and of every matrix cell, and -- once merged --
+  the human-evaluation table. The HTML is self-contained except for the PNGs, referenced by relative path
+  (``plots/*.png``).
 * ``export_human_eval(run_dir, out_csv)``: the open (non-yes/no) questions of every cell, with an empty
   ``clinician_score`` column; ``merge_human_eval(run_dir, filled_csv)`` validates a filled copy and stores it as
   ``RUN_DIR/report/human_eval.csv`` for the report.
@@ -19,6 +21,7 @@ import html
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -270,7 +273,7 @@ def plot_metrics(metrics: Mapping, path: Path, keys: Sequence[str] = PLOT_METRIC
     ax.set_xticklabels(keys, rotation=15)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score (95% CI)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=min(4, len(cells)), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -307,6 +310,156 @@ def plot_forest(metrics: Mapping, path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------------------------------------------ training and cost
+
+#: validation metrics drawn in the curves (the rest are in the table)
+CURVE_VAL_METRICS = ("val_normalized_em", "val_normalized_f1", "val_closed_accuracy", "val_open_recall")
+
+
+def training_log(run_dir: str | os.PathLike) -> dict[str, dict[str, list[dict]]]:
+    """stage -> {'steps': step rows, 'validation': rows, 'resumed' / 'start' / 'end': those events, 'times': the
+    ``time`` of every record} from ``metrics.jsonl`` (through ``runs.read_metrics``), in file order. Steps and
+    validation rounds are kept once, the last row written winning (a resumed stage repeats the steps after its
+    checkpoint; the repeat is what the model finally trained on)."""
+    from medvqa.runs import read_metrics
+
+    out: dict[str, dict[str, Any]] = {}
+    for r in read_metrics(run_dir):
+        stage, event = r.get("stage"), r.get("event")
+        if not stage:
+            continue
+        log_ = out.setdefault(stage, {"steps": {}, "validation": {}, "resumed": [], "start": [], "end": [],
+                                      "times": []})
+        log_["times"].append(r.get("time", -1.0))
+        if event is None and "loss" in r and "step" in r:
+            log_["steps"].pop(r["step"], None)  # re-insert: dict order follows the last write
+            log_["steps"][r["step"]] = r
+        elif event == "validation":
+            log_["validation"].pop(r.get("val_round"), None)
+            log_["validation"][r.get("val_round")] = r
+        elif event in ("resumed", "start", "end"):
+            log_[event].append(r)
+    for log_ in out.values():
+        log_["steps"] = sorted(log_["steps"].values(), key=lambda r: r["step"])
+        log_["validation"] = sorted(log_["validation"].values(), key=lambda r: r["step"])
+    return out
+
+
+def plot_training(stage: str, log_: Mapping[str, list[dict]], path: Path) -> Path | None:
+    """One stage's curves: loss and lr per logged step (dashed lines: resumed from a checkpoint) and, when the
+    stage validates, the validation metrics per round with their 95% bootstrap CIs."""
+    steps, val = log_["steps"], log_["validation"]
+    if not steps and not val:
+        return None
+    plt = _plt()
+    panels = (["loss", "lr"] if steps else []) + (["validation"] if val else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.3), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "validation":
+            x = [r["step"] for r in val]
+            for k in CURVE_VAL_METRICS:
+                if all(isinstance(r.get(k), (int, float)) for r in val):
+                    y = np.array([r[k] for r in val], float)
+                    ci = np.array([r.get(f"{k}_ci") or [np.nan, np.nan] for r in val], float)
+                    line, = ax.plot(x, y, marker="o", ms=4, label=k.removeprefix("val_"))
+                    ax.fill_between(x, ci[:, 0], ci[:, 1], color=line.get_color(), alpha=0.12)
+            ax.set_ylim(0, 1.02)
+            ax.legend(fontsize=7, ncol=2, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+            ax.set_xlabel(f"step ({len(val)} validation round{'s' if len(val) > 1 else ''}, "
+                          f"{val[-1].get('val_n', '?')} questions)")
+        else:
+            ax.plot([r["step"] for r in steps], [r[panel] for r in steps], marker="." if len(steps) < 40 else None,
+                    color="C0" if panel == "loss" else "C2")
+            ax.set_title(f"{stage}: training {panel}" if panel == "loss" else "learning rate", fontsize=10)
+            if panel == "lr":
+                ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+            for i, e in enumerate(log_["resumed"]):
+                ax.axvline(e.get("step", 0), color="grey", lw=0.8, ls="--", label="resumed" if i == 0 else None)
+            if log_["resumed"] and panel == "loss":
+                ax.legend(fontsize=7)
+            ax.set_xlabel("step")
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _attempt_seconds(log_: Mapping[str, list]) -> tuple[int, float]:
+    """(attempts, wall seconds) of a stage: each 'start' event to its 'end' (the end's ``seconds``: the
+    TorchTrainer's fit, while workers held their devices) or, for an attempt that never ended (killed), to the
+    stage's last record before the next start."""
+    starts = [e["time"] for e in log_["start"]]
+    total = 0.0
+    for i, t0 in enumerate(starts):
+        t1 = starts[i + 1] if i + 1 < len(starts) else float("inf")
+        end = next((e for e in log_["end"] if t0 <= e["time"] < t1), None)
+        if end is not None:
+            total += float(end.get("seconds") or end["time"] - t0)
+        else:
+            total += max((t for t in log_["times"] if t0 <= t < t1), default=t0) - t0
+    return len(starts), total
+
+
+def stage_cost(run_dir: str | os.PathLike, cfg: Mapping | None = None,
+               logs: Mapping[str, Mapping] | None = None) -> list[dict]:
+    """Per stage: attempts, wall seconds, steps, training samples/s and tokens/s (overall and steady), validation
+    seconds and, when ``resources.use_gpu``, GPU-hours (workers x 1 GPU each x wall time).
+
+    Each logged row's rates cover the steps since the previous logged row (a window; its duration is its steps /
+    samples_per_s up to the constant global batch). Overall throughput is the time-weighted mean over the windows:
+    the training loop including its waits for data (each epoch restarts the Ray Data pipeline) and checkpoint saves,
+    without model loading and validation (those are in the wall time). Steady throughput is the median window.
+    """
+    run_dir = Path(run_dir)
+    cfg = cfg if cfg is not None else _read_yaml(run_dir / "config.yaml")
+    logs = logs if logs is not None else training_log(run_dir)
+    res = (cfg or {}).get("resources") or {}
+    gpus = int(res.get("num_workers") or 1) if res.get("use_gpu") else 0  # fit_stage: {"GPU": 1} per worker
+    out = []
+    for stage, log_ in logs.items():
+        steps = log_["steps"]
+        prev, w, sps, tps = 0, [], [], []
+        for r in steps:
+            if r.get("samples_per_s"):
+                w.append((r["step"] - prev) / r["samples_per_s"])
+                sps.append(r["samples_per_s"])
+                tps.append(r.get("tokens_per_s") or np.nan)
+            prev = r["step"]
+        w = np.array(w, float)
+        mean = lambda v: float(np.sum(w * np.array(v, float)) / w.sum()) if len(w) and w.sum() > 0 else None
+        median = lambda v: float(np.nanmedian(v)) if len(v) else None
+        attempts, seconds = _attempt_seconds(log_)
+        out.append({"stage": stage, "attempts": attempts, "seconds": seconds if attempts else None,
+                    "steps": steps[-1]["step"] if steps else None,
+                    "samples_per_s": mean(sps), "tokens_per_s": mean(tps),
+                    "steady_samples_per_s": median(sps), "steady_tokens_per_s": median(tps),
+                    "validation_seconds": sum(float(r.get("val_seconds") or 0) for r in log_["validation"]),
+                    "gpus": gpus, "gpu_hours": gpus * seconds / 3600 if gpus and attempts else None})
+    return out
+
+
+def cell_cost(metrics: Mapping) -> list[dict]:
+    """Per matrix cell, from ``metrics.json``'s ``timing`` (written by the evaluation): questions predicted while
+    timed, their share of the prediction job's wall seconds, questions/s and, on GPUs, GPU-hours (seconds x the
+    job's GPUs). Cells interleave in one Ray Data job, so a cell's seconds are the wall time of the streamed blocks
+    that carried its rows, split over the rows of each block, plus its questions' share of the wait for the first
+    block (actor start-up and model load); the cells' seconds add up to the job's."""
+    timing = (metrics.get("timing") or {}).get("cells") or {}
+    out = []
+    for m, c, _ in _cells(metrics):
+        t = timing.get(f"{m}/{c}")
+        if not t:
+            continue
+        rows, seconds, gpus = int(t.get("rows") or 0), float(t.get("seconds") or 0), float(t.get("gpus") or 0)
+        out.append({"model": m, "condition": c, "questions": rows, "seconds": seconds,
+                    "questions_per_s": rows / seconds if seconds > 0 else None,
+                    "gpu_hours": gpus * seconds / 3600 if gpus else None})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ human evaluation
@@ -451,17 +604,37 @@ def _md_to_html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> s
     e = html.escape
     head = "".join(f"<th>{e(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<div class='table'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
+# Tables scroll sideways in their own box (a wide one never widens the page); cells do not wrap ("0.552 [0.505,
+# 0.600]" stays on one line); digits have equal widths so columns of numbers line up.
 _STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-          "table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px}"
-          "th{background:#eee}pre{background:#f6f6f6;padding:.5em;overflow-x:auto;font-size:12px}img{max-width:100%}")
+          "div.table{overflow-x:auto}table{border-collapse:collapse;font-size:12px;margin:.5em 0;"
+          "font-variant-numeric:tabular-nums}td,th{border:1px solid #ccc;padding:2px 6px;white-space:nowrap}"
+          "th{background:#eee}tbody tr:nth-child(even){background:#f7f7f7}"
+          "pre{background:#f6f6f6;padding:.5em;overflow-x:auto;font-size:12px}img{max-width:100%}")
+
+
+_INLINE = re.compile(r"`([^`]+)`|\[([^\]]+)\]\(([^)\s]+)\)")
+
+
+def _inline_html(text: str) -> str:
+    """The Markdown a 'text' item uses, as HTML: `code`, [text](url) and line breaks; everything else escaped."""
+    out, pos = [], 0
+    for m in _INLINE.finditer(text):
+        out.append(html.escape(text[pos:m.start()]))
+        out.append(f"<code>{html.escape(m[1])}</code>" if m[1] is not None else
+                   f'<a href="{html.escape(m[3])}">{html.escape(m[2])}</a>')
+        pos = m.end()
+    out.append(html.escape(text[pos:]))
+    return re.sub(r" *\n", "<br>", "".join(out))
 
 
 def render_sections(title: str, sections: Sequence[tuple[str, Sequence[tuple[str, Any]]]]) -> tuple[str, str]:
-    """(Markdown, HTML page) of ``sections``: (heading, items), each item (kind, payload) with kind 'text' (str),
-    'table' ((header, rows)), 'image' (path relative to the report) or 'code' (str)."""
+    """(Markdown, HTML page) of ``sections``: (heading, items), each item (kind, payload) with kind 'text' (str with
+    `code`, [links](url) and line breaks), 'table' ((header, rows)), 'image' (path relative to the report) or 'code'
+    (str)."""
     md, body = [f"# {title}", ""], []
     for heading, items in sections:
         md += [f"## {heading}", ""]
@@ -469,7 +642,7 @@ def render_sections(title: str, sections: Sequence[tuple[str, Sequence[tuple[str
         for kind, payload in items:
             if kind == "text":
                 md += [payload, ""]
-                body.append(f"<p>{html.escape(payload).replace(chr(10), '<br>')}</p>")
+                body.append(f"<p>{_inline_html(payload)}</p>")
             elif kind == "table":
                 md += [_md_table(*payload), ""]
                 body.append(_md_to_html_table(*payload))
@@ -486,6 +659,62 @@ def render_sections(title: str, sections: Sequence[tuple[str, Sequence[tuple[str
     return "\n".join(md), page
 
 
+def training_items(logs: Mapping[str, Mapping], curves: Sequence[Path], out_dir: Path) -> list[tuple[str, Any]]:
+    if not logs:
+        return [("text", "No training records in metrics.jsonl (a base-model-only evaluation, or an older run).")]
+    items: list[tuple[str, Any]] = [
+        ("text", "Per stage, from metrics.jsonl: training loss (mean over the micro-batches since the previous logged "
+                 "step) and learning rate per logged step; dashed lines mark a resume from a checkpoint. Stages with "
+                 "a validation split also show the validation metrics per round (95% bootstrap bands).")]
+    items += [("image", c.relative_to(out_dir).as_posix()) for c in curves]
+    val = [[stage, str(r.get("val_round", "")), str(r["step"]), str(r.get("val_n", "")),
+            *[fmt_ci(r.get(k), r.get(f"{k}_ci")) for k in CURVE_VAL_METRICS]]
+           for stage, log_ in logs.items() for r in log_["validation"]]
+    if val:
+        items += [("text", "Validation rounds:"),
+                  ("table", (("stage", "round", "step", "n", *[k.removeprefix("val_") for k in CURVE_VAL_METRICS]),
+                             val))]
+    return items
+
+
+def cost_items(stages: Sequence[dict], cells: Sequence[dict]) -> list[tuple[str, Any]]:
+    num = lambda x, d=1: fmt(x, d) if x is not None else "—"
+    items: list[tuple[str, Any]] = [
+        ("text", "Wall time of every training attempt (a killed one up to its last record). Samples/s and tokens/s "
+                 "of the training loop over all its logged windows (time-weighted: with its waits for data, as each "
+                 "epoch restarts the data pipeline, and checkpoint saves; without model loading and validation), "
+                 "and steady: the median window. GPU-hours = workers x 1 GPU x wall time (— on CPU).")]
+    if stages:
+        rows = [[s["stage"], str(s["attempts"]), num(s["seconds"]), num(s["steps"], 0), num(s["samples_per_s"], 2),
+                 num(s["tokens_per_s"], 0), num(s["steady_samples_per_s"], 2), num(s["steady_tokens_per_s"], 0),
+                 num(s["validation_seconds"]), num(s["gpu_hours"], 3)] for s in stages]
+        gpu_hours = [s["gpu_hours"] for s in stages if s["gpu_hours"] is not None]
+        seconds = [s["seconds"] for s in stages if s["seconds"] is not None]
+        rows.append(["total", str(sum(s["attempts"] for s in stages)), num(sum(seconds)) if seconds else "—",
+                     "", "", "", "", "",
+                     num(sum(s["validation_seconds"] for s in stages)), num(sum(gpu_hours), 3) if gpu_hours else "—"])
+        items.append(("table", (("stage", "attempts", "wall s", "steps", "samples/s", "tokens/s", "steady samples/s",
+                                 "steady tokens/s", "validation s", "GPU-hours"), rows)))
+    else:
+        items.append(("text", "No training records in metrics.jsonl."))
+    items.append(("text", "Evaluation matrix: each cell's share of the prediction job's wall time (cells run "
+                          "interleaved in one Ray Data job: a streamed block's time is split over its questions, the "
+                          "start-up before the first block over all questions; the cells' seconds add up to the "
+                          "job's), questions/s and GPU-hours (— on CPU). Questions kept from an interrupted "
+                          "evaluation were not timed."))
+    if cells:
+        rows = [[c["model"], c["condition"], str(c["questions"]), num(c["seconds"]), num(c["questions_per_s"], 2),
+                 num(c["gpu_hours"], 4)] for c in cells]
+        seconds, questions = sum(c["seconds"] for c in cells), sum(c["questions"] for c in cells)
+        gpu_hours = [c["gpu_hours"] for c in cells if c["gpu_hours"] is not None]
+        rows.append(["total", "", str(questions), num(seconds), num(questions / seconds if seconds else None, 2),
+                     num(sum(gpu_hours), 4) if gpu_hours else "—"])
+        items.append(("table", (("model", "condition", "questions", "seconds", "questions/s", "GPU-hours"), rows)))
+    else:
+        items.append(("text", "No timing in eval/metrics.json (evaluated before timing was recorded)."))
+    return items
+
+
 def build_report(run_dir: str | os.PathLike, audit: bool = True) -> dict:
     """Write ``RUN_DIR/report/report.md``, ``report.html`` and ``plots/*.png``. Returns the paths written."""
     run_dir = Path(run_dir)
@@ -496,6 +725,8 @@ def build_report(run_dir: str | os.PathLike, audit: bool = True) -> dict:
     leak = leakage_section(run_dir, audit=audit)
     bar = plot_metrics(metrics, plots / "metrics.png")
     forest = plot_forest(metrics, plots / "forest.png")
+    logs = training_log(run_dir)
+    curves = [c for stage, log_ in logs.items() if (c := plot_training(stage, log_, plots / f"training_{stage}.png"))]
     human_path = out_dir / HUMAN_FILE
     human = human_summary(read_human_eval(human_path)) if human_path.exists() else None
     settings = metrics.get("settings") or {}
@@ -544,6 +775,8 @@ def build_report(run_dir: str | os.PathLike, audit: bool = True) -> dict:
         ("table", (("comparison (B_vs_A)", "metric", "A", "B", "B−A [95% CI]", "p boot", "p McNemar", "n"), pr))
         if pr else ("text", "Only one model on the true condition: no paired tests.")]
         + ([("image", "plots/forest.png")] if forest else [])))
+    sections.append(("Training curves (Figure 4)", training_items(logs, curves, out_dir)))
+    sections.append(("Cost", cost_items(stage_cost(run_dir, logs=logs), cell_cost(metrics))))
     sections.append(("Leakage", [("text", leak["statement"])]
                      + ([("code", __import__("medvqa.audit", fromlist=["format_audit"]).format_audit(leak["audit"]))]
                         if leak.get("audit") else [])))
@@ -563,4 +796,5 @@ def build_report(run_dir: str | os.PathLike, audit: bool = True) -> dict:
     (out_dir / "report.md").write_text(md)
     (out_dir / "report.html").write_text(page)
     return {"markdown": str(out_dir / "report.md"), "html": str(out_dir / "report.html"),
-            "plots": [str(p) for p in (bar, forest) if p], "human": human is not None, "leakage": leak["statement"]}
+            "plots": [str(p) for p in (bar, forest, *curves) if p], "human": human is not None,
+            "leakage": leak["statement"]}

@@ -212,6 +212,8 @@ def plot_curve(space: dict, cells: pd.DataFrame, path: Path) -> Path | None:
     xs = cells[x].astype(float)
     if xs.min() > 0 and xs.max() / xs.min() >= 4:
         ax.set_xscale("log")
+        ax.set_xticks(sorted(xs.unique()), [f"{v:g}" for v in sorted(xs.unique())])  # the swept values, not 10^k
+        ax.minorticks_off()
     ax.set_xlabel(x)
     ax.set_ylabel(f"{space['metric']} (validation)")
     ax.set_title(f"sweep {space['name']}: completed trials, 95% bands")

@@ -14,9 +14,12 @@ from medvqa.report import (
     HumanEvalError,
     build_report,
     export_human_eval,
+    cell_cost,
     fmt_ci,
     merge_human_eval,
     read_human_eval,
+    stage_cost,
+    training_log,
 )
 from medvqa.score import json_ready
 
@@ -54,20 +57,62 @@ def _cell_frame(model: str, condition: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# metrics.jsonl of a two-stage run, so the curves and the cost are known. stage1: one attempt of 40 s, 4 logged
+# windows of 5 steps at 10, 10, 20, 20 samples/s (100, 100, 400, 400 tokens/s). stage2: killed 30 s after its start
+# (last record), resumed from the step-5 checkpoint, finished in 50 s; steps 10 and validation round 1 were
+# repeated by the resume (the repeat counts). Training throughput is time-weighted: each window lasts steps /
+# samples_per_s, so stage1 runs 20 / 1.5 = 13.33 samples/s and 300 / 1.5 = 200 tokens/s, stage2 15 / 1.25 = 12 and
+# 150 / 1.25 = 120; steady (the median window) 15 and 250, 16 and 160.
+def _step(stage, step, t, sps, loss, tps=None, lr=1e-3):
+    return {"stage": stage, "step": step, "total_steps": 20 if stage == "stage1" else 15, "epoch": 0, "loss": loss,
+            "lr": lr, "samples_per_s": sps, "tokens_per_s": tps if tps is not None else 10 * sps, "time": t}
+
+
+def _val(step, t, em, rnd):
+    return {"stage": "stage2", "event": "validation", "step": step, "val_round": rnd, "val_final": step == 15,
+            "val_n": 24, "val_normalized_em": em, "val_normalized_em_ci": [em - 0.1, em + 0.1],
+            "val_normalized_f1": em + 0.05, "val_normalized_f1_ci": [em - 0.05, em + 0.15], "val_closed_accuracy": em,
+            "val_closed_accuracy_ci": [em - 0.1, em + 0.1], "val_open_recall": None, "val_open_recall_ci": None,
+            "val_seconds": 2.0, "time": t}
+
+
+TRAINING_LOG = [
+    {"stage": "stage1", "event": "start", "time": 1000.0},
+    _step("stage1", 5, 1010.0, 10, 2.0, 100), _step("stage1", 10, 1020.0, 10, 1.5, 100),
+    _step("stage1", 15, 1030.0, 20, 1.2, 400), _step("stage1", 20, 1040.0, 20, 1.0, 400),
+    {"stage": "stage1", "event": "end", "seconds": 40.0, "time": 1045.0},
+    {"stage": "stage2", "event": "start", "time": 2000.0},
+    _step("stage2", 5, 2010.0, 8, 1.8), {"stage": "stage2", "event": "checkpoint", "step": 5, "time": 2011.0},
+    _step("stage2", 10, 2020.0, 8, 9.9), _val(10, 2025.0, 0.1, 1), {"stage": "stage2", "step": 10, "time": 2030.0},
+    {"stage": "stage2", "event": "start", "time": 3000.0},
+    {"stage": "stage2", "event": "resumed", "step": 5, "time": 3010.0},
+    _step("stage2", 10, 3020.0, 16, 1.4), _val(10, 3022.0, 0.4, 1),
+    _step("stage2", 15, 3040.0, 16, 1.1), _val(15, 3042.0, 0.6, 2),
+    {"stage": "stage2", "event": "end", "seconds": 50.0, "time": 3050.0},
+]
+# the evaluation's timing of each cell (run_matrix writes it): base/true 8 questions in 4 s
+TIMING = {"cells": {"base/true": {"rows": 8, "seconds": 4.0, "gpus": 0}, "base/swapped": {"rows": 8, "seconds": 2.0,
+                                                                                         "gpus": 0},
+                    "two_stage/true": {"rows": 8, "seconds": 8.0, "gpus": 0}}}
+
+
 def make_run(root: Path, kind: str = "phantom", data_path: str = "") -> Path:
-    """A fake run directory: config.yaml, environment.json, eval/predictions/*/*.parquet and a metrics.json from
-    the real scoring code (``evaluate.score_matrix``)."""
+    """A fake run directory: config.yaml, environment.json, metrics.jsonl (``TRAINING_LOG``),
+    eval/predictions/*/*.parquet and a metrics.json from the real scoring code (``evaluate.score_matrix``) with
+    ``TIMING``."""
     run = root / "tiny-run-abc123"
     run.mkdir(parents=True)
     overrides = [f"stage2.data.kind={kind}"] + ([f"stage2.data.path={data_path}"] if data_path else [])
     (run / "config.yaml").write_text(dump_yaml(load_config("tiny", overrides)))
     (run / "environment.json").write_text(json.dumps({"time": 0.0, "git": {"commit": COMMIT, "dirty": False}}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TRAINING_LOG))
     out = run / "eval"
     for (m, c) in PREDS:
         _write_cell(_cell_frame(m, c), cell_path(out, m, c))
     metrics = score_matrix(out, ["base", "two_stage"], ["true", "swapped"], n_boot=200, seed=0)
     metrics["settings"] = {"evaluated": ["base", "two_stage"], "conditions": ["true", "swapped"], "seed": 0,
                            "n_questions": len(QUESTIONS)}
+    metrics["timing"] = TIMING
     (out / "metrics.json").write_text(json.dumps(json_ready(metrics)))
     return run
 
@@ -82,12 +127,14 @@ def test_report_files_tables_and_provenance(run_dir):
     rep = run_dir / "report"
     md = (rep / "report.md").read_text()
     page = (rep / "report.html").read_text()
-    for name in ("metrics.png", "forest.png"):
+    for name in ("metrics.png", "forest.png", "training_stage1.png", "training_stage2.png"):
         p = rep / "plots" / name
         assert p.exists() and p.stat().st_size > 1000
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"plots/{name}" in md and f'src="plots/{name}"' in page
-    assert sorted(out["plots"]) == sorted(str(rep / "plots" / n) for n in ("metrics.png", "forest.png"))
+    assert sorted(out["plots"]) == sorted(str(rep / "plots" / n) for n in ("metrics.png", "forest.png",
+                                                                           "training_stage1.png",
+                                                                           "training_stage2.png"))
 
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     for m in ("base", "two_stage"):
@@ -110,8 +157,86 @@ def test_report_files_tables_and_provenance(run_dir):
     assert COMMIT in md and COMMIT in page
     assert "tiny-run-abc123" in md and "Report generated:" in md
     assert "stage2:" in md and "../config.yaml" in md  # config embedded and linked
+    # the HTML renders the text items' Markdown (a browser would otherwise show backticks and bracketed links)
+    assert "<code>tiny-run-abc123</code>" in page and '<a href="../config.yaml">config.yaml</a>' in page
+    assert "`" not in page.split("<pre>")[0] and "](" not in page
     assert "Human evaluation" in md and "human-export" in md
     assert "Across seeds" not in md and metrics["seeds"] == {}  # one run per model: no across-seed section
+
+
+def test_training_curves_and_cost_per_stage_and_cell(run_dir):
+    """Figure 4 and the cost tables from metrics.jsonl and eval/metrics.json (numbers: see TRAINING_LOG)."""
+    logs = training_log(run_dir)
+    s2 = logs["stage2"]
+    assert [r["step"] for r in s2["steps"]] == [5, 10, 15] and s2["steps"][1]["loss"] == 1.4  # the resume's repeat
+    assert [(r["val_round"], r["val_normalized_em"]) for r in s2["validation"]] == [(1, 0.4), (2, 0.6)]
+    assert [e["step"] for e in s2["resumed"]] == [5] and logs["stage1"]["validation"] == []
+
+    cost = {c["stage"]: c for c in stage_cost(run_dir)}
+    assert (cost["stage1"]["attempts"], cost["stage1"]["seconds"], cost["stage1"]["steps"]) == (1, 40.0, 20)
+    assert cost["stage1"]["samples_per_s"] == pytest.approx(20 / 1.5)
+    assert cost["stage1"]["tokens_per_s"] == pytest.approx(200.0)
+    assert (cost["stage2"]["attempts"], cost["stage2"]["seconds"]) == (2, 80.0)  # killed 30 s + resumed 50 s
+    assert cost["stage2"]["samples_per_s"] == pytest.approx(12.0) and cost["stage2"]["validation_seconds"] == 4.0
+    assert (cost["stage1"]["steady_samples_per_s"], cost["stage1"]["steady_tokens_per_s"]) == (15.0, 250.0)
+    assert (cost["stage2"]["steady_samples_per_s"], cost["stage2"]["steady_tokens_per_s"]) == (16.0, 160.0)
+    assert cost["stage1"]["gpu_hours"] is None  # the tiny preset trains on CPU
+    gpu = {c["stage"]: c for c in stage_cost(run_dir, cfg={"resources": {"use_gpu": True, "num_workers": 2}})}
+    assert gpu["stage2"]["gpus"] == 2 and gpu["stage2"]["gpu_hours"] == pytest.approx(2 * 80 / 3600)
+
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    cells = {(c["model"], c["condition"]): c for c in cell_cost(metrics)}
+    assert set(cells) == {("base", "true"), ("base", "swapped"), ("two_stage", "true")}  # two_stage/swapped: untimed
+    assert cells["base", "true"]["questions_per_s"] == 2.0 and cells["base", "true"]["gpu_hours"] is None
+
+    build_report(run_dir)
+    md = (run_dir / "report" / "report.md").read_text()
+    assert "## Training curves (Figure 4)" in md and "![training_stage2](plots/training_stage2.png)" in md
+    assert "| stage2 | 1 | 10 | 24 | 0.400 [0.300, 0.500] | 0.450 [0.350, 0.550] |" in md  # validation rounds
+    assert "| stage1 | 1 | 40.0 | 20 | 13.33 | 200 | 15.00 | 250 | 0.0 | — |" in md
+    assert "| stage2 | 2 | 80.0 | 15 | 12.00 | 120 | 16.00 | 160 | 4.0 | — |" in md
+    assert "| total | 3 | 120.0 |" in md
+    assert "| base | true | 8 | 4.0 | 2.00 | — |" in md and "| total |  | 24 | 14.0 | 1.71 | — |" in md
+
+
+def test_run_matrix_times_every_cell(records_and_cfg, tmp_path, monkeypatch):
+    """run_matrix records each cell's questions and its share of the prediction job's wall time (no Ray: the job is
+    replaced by one that streams two blocks, each 'taking' a known time): the wait for the first block is shared by
+    all rows, a later block's time by its rows. A later call keeps the timing of the cells it skips."""
+    import medvqa.evaluate as ev
+
+    cfg, records = records_and_cfg
+    clock = {"now": 100.0}
+    monkeypatch.setattr("time.perf_counter", lambda: clock["now"])
+    last_block = []
+
+    def fake_job(rows, *a, **k):
+        df = pd.DataFrame(rows).drop(columns=["image"]).assign(raw_prediction="yes", predicted_answer="yes")
+        clock["now"] += 3.0  # the first block (6 of the 8 rows, conditions interleaved by image) takes 3 s
+        last_block.extend(df["condition"].iloc[6:])
+        yield df.iloc[:6]
+        clock["now"] += 1.0  # the last 2 rows 1 s
+        yield df.iloc[6:]
+
+    monkeypatch.setattr(ev, "_predict_rows", fake_job)
+    out = ev.run_matrix(cfg, {"base": None}, records, tmp_path, conditions=["true", "swapped"], n_boot=50)
+    timing = out["metrics"]["timing"]["cells"]
+    n_true = last_block.count("true")
+    assert timing["base/true"]["rows"] == 4 and timing["base/swapped"]["rows"] == 4
+    assert timing["base/true"]["seconds"] == pytest.approx(3.0 * 4 / 8 + 1.0 * n_true / 2)
+    assert timing["base/true"]["seconds"] + timing["base/swapped"]["seconds"] == pytest.approx(4.0)
+    assert timing["base/true"]["gpus"] == 0
+    again = ev.run_matrix(cfg, {"base": None}, records, tmp_path, conditions=["true", "swapped"], n_boot=50)
+    assert again["metrics"]["timing"]["cells"] == timing  # skipped cells keep the timing of the call that ran them
+
+
+@pytest.fixture()
+def records_and_cfg():
+    from medvqa.data.phantoms import phantom_records
+    from medvqa.data.records import validate_record
+
+    cfg = load_config("tiny")
+    return cfg, [validate_record(r) for r in phantom_records("vqa", 4, seed=1, split="test")]
 
 
 def test_seeds_are_a_dimension(tmp_path):
