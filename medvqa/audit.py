@@ -29,11 +29,11 @@ Two kinds of leak between a training side ``a`` and an evaluation side ``b``:
                  numbers are kept as content), non-empty.
 
   ``reordered``, ``slot`` and ``content`` are the *lexical* rewrites. Each is reported separately for pairs on the
-  **same image** (the same question about the same image: the most
-  serious leak, the answer is in training) and on **other images** (the same question asked about a different
-  image: question-distribution overlap, informational). Exact and multiset matches are dict look-ups, slots are
-  bucketed by masked-position keys, content Jaccard uses prefix filtering on rarest-first tokens, and same-image
-  pairs are compared directly within each image's handful of questions, so the audit is ~linear in the data.
+  **same image** (the same question about the same image: the most serious leak, the answer is in training) and on
+  **other images** (the same question asked about a different image: question-distribution overlap, informational).
+  Exact and multiset matches are dict look-ups, slots are bucketed by masked-position keys, content Jaccard uses
+  prefix filtering on rarest-first tokens, and same-image pairs are compared directly within each image's handful
+  of questions, so the audit is ~linear in the data.
 
 ``image_disjoint_split`` assigns whole images to one side (seeded, independent of input order, optionally
 stratified by a meta key such as ``organ``); its audit reports 0 image overlap by construction.

@@ -127,8 +127,8 @@ def normalize_answer(s: str) -> str:
     ``"left"`` with ``"left"``; SQuAD would give ``"xray"``/``"leftsided"``); a decimal point between digits is
     kept (``"2.5 cm"`` stays ``"2.5 cm"`` instead of ``"2 5 cm"``, which would match ``"5.2 cm"``), and a comma
     between digits is removed (``"1,000"`` -> ``"1000"``); and articles are dropped only as whole words, never as
-    a part of a hyphenated term: ``"A-P view"`` -> ``"a p view"`` (SQuAD and our earlier rule: ``"p view"``, the
-    same as ``"P-A view"`` less a word), ``"A-lines"`` -> ``"a lines"``. A hyphenated term's parts stay separate
+    a part of a hyphenated term: ``"A-P view"`` -> ``"a p view"`` (our earlier rule gave ``"p view"``, losing the
+    projection), ``"A-lines"`` -> ``"a lines"``. A hyphenated term's parts stay separate
     tokens, so ``"t2-weighted"`` still equals ``"t2 weighted"`` and ``"mri"`` is found in ``"mri-flair"``.
     Unicode punctuation and symbols count as punctuation.
     """

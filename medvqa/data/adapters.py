@@ -230,14 +230,26 @@ def _iter_hf(path_or_id, split: str, limit: int | None, seed: int, fields: dict[
     if len(positions) < len(ds):
         ds = ds.select(positions)
     ds = ds.select_columns(sorted(set(cols.values())))
+    return _hf_rows(ds, cols, positions, ids, split, make, _hf_root(path_or_id))
+
+
+def _hf_root(path_or_id) -> str:
+    """The folder an image cell's path (used only when the cell has no bytes) must stay in: a local dataset's
+    folder; for a hub id, the Hugging Face caches the datasets library downloads image files into (their common
+    folder, '' when they share none but '/', which admits no path)."""
     local = Path(os.fspath(path_or_id)).expanduser()
-    root = str(local if local.is_dir() else local.parent) if local.exists() else ""
-    return _hf_rows(ds, cols, positions, ids, split, make, root)
+    if local.exists():
+        return str(local if local.is_dir() else local.parent)
+    from datasets import config
+    from huggingface_hub import constants
+
+    common = os.path.commonpath([os.path.realpath(config.HF_DATASETS_CACHE),
+                                 os.path.realpath(constants.HF_HUB_CACHE)])
+    return "" if common == os.sep else common
 
 
 def _hf_rows(ds, cols, positions, ids, split, make, root: str) -> Iterator[dict]:
-    """``root``: the local dataset folder an image cell's path (used only when the cell has no bytes) must stay in,
-    relative paths taken from it; '' for a hub dataset, whose images must be embedded."""
+    """``root`` (``_hf_root``): relative image paths are taken from it and every path is confined to it."""
     img = cols["image"]
     for j, row in enumerate(ds):
         i = positions[j]

@@ -24,8 +24,8 @@ Rules (decided here, relied on downstream):
   the file is never opened: a ``../../etc/passwd`` name, an absolute name, or a symlink inside the folder that
   points out of it. The folder itself may be reached through a symlink (it is resolved first). Symlinks that escape
   are refused because a downloaded archive can carry them as easily as a ``..`` name; keep a dataset's files under
-  one folder (or link the whole folder). ``image_root=''`` admits no path (an HF hub dataset must embed its
-  images). Any path that is not a regular file (a directory, a FIFO, a device) is 'unreadable image', unopened.
+  one folder (or link the whole folder). ``image_root=''`` admits no path. Any path that is not a regular file (a
+  directory, a FIFO, a device) is 'unreadable image', unopened.
 - ``image_id`` is the sha1 hex of the encoded bytes: identical files get the same id across splits and sources.
 - ``meta`` is stored as a JSON object string with sorted keys; raw meta may be a dict, a JSON string or None.
 """
