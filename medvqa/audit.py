@@ -357,7 +357,7 @@ def near_duplicate_questions(train_rows: Sequence[dict], test_rows: Sequence[dic
             out = result[side]
             out["questions"] += 1
             out["by_kind"][kind] += 1
-            out[kind if kind in ("exact", "linked") else "lexical"] += 1
+            out["lexical" if kind in LEXICAL_KINDS else kind] += 1
             out["rewrite"] += kind != "exact"
             pair = {"kind": kind, "test_id": str(row.get("id")), "train_id": str(train_rows[i].get("id")),
                     "test_prompt": row.get("prompt"), "train_prompt": train_rows[i].get("prompt")}

@@ -203,8 +203,8 @@ def test_paths_are_confined_to_the_dataset_folder(tmp_path, opened):
     outside = write_image(tmp_path / "secret.jpg", seed=1)  # a valid image: accepted if it were ever read
     (root / "imgs" / "escape.jpg").symlink_to(outside)
     (root / "imgs" / "inner.jpg").symlink_to(good)
-    os_fifo = root / "imgs" / "fifo.jpg"
-    os.mkfifo(os_fifo)  # open() would block forever on it
+    fifo = root / "imgs" / "fifo.jpg"
+    os.mkfifo(fifo)  # open() would block forever on it
     linked_root = tmp_path / "link-to-dataset"
     linked_root.symlink_to(root, target_is_directory=True)
 
@@ -218,7 +218,7 @@ def test_paths_are_confined_to_the_dataset_folder(tmp_path, opened):
         assert check(escaping) == f"{OUTSIDE}: {escaping}"
     assert check(good, image_root="").startswith(OUTSIDE)  # no folder: no path is admitted
     assert check(root / "imgs" / "absent.jpg").startswith("missing image")
-    assert check(os_fifo) == f"unreadable image: {os_fifo} (not a regular file)"
+    assert check(fifo) == f"unreadable image: {fifo} (not a regular file)"
     assert check(outside, image_root=None) == ""  # without image_root a path is trusted (the caller built it)
     assert str(outside) in opened and not any(str(p).endswith(("escape.jpg", "fifo.jpg")) for p in opened)
     opened.clear()

@@ -185,7 +185,7 @@ def encode_pil(image: Any) -> bytes:
     return buf.getvalue()
 
 
-def confinement_error(path: str, root: str) -> str:
+def _confinement_error(path: str, root: str) -> str:
     """'' when ``path`` resolves (symlinks followed) inside the resolved folder ``root``, else the reject reason.
     Resolves names only: nothing is opened or read."""
     real_root = os.path.realpath(root) if root else ""
@@ -217,7 +217,7 @@ def _load_image(raw: dict, needs_image: bool) -> tuple[bytes, str]:
     path = os.fspath(path)
     root = _scalar(raw.get("image_root"))
     if not _missing(root):
-        err = confinement_error(path, os.fspath(root))
+        err = _confinement_error(path, os.fspath(root))
         if err:
             return b"", err
     try:
