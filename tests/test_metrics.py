@@ -80,7 +80,7 @@ def test_normalize_answer():
     ("A-P view", "a p view"),                 # not "p view": an article inside a hyphenated term is a part of it
     ("The P-A view.", "p a view"),
     ("the A-lines", "a lines"),
-    ("Port-a-Cath", "port a cath"),           # VQA-RAD qid 1262's question
+    ("Port-a-Cath", "port a cath"),           # in VQA-RAD qid 647
     ("a\u2010p view", "a p view"),            # Unicode hyphen
     ("t2-weighted", "t2 weighted"),           # parts stay tokens: equal to the spaced spelling
     ("pre- and post-contrast", "pre and post contrast"),
