@@ -158,7 +158,8 @@ def data_inspect(overrides: Optional[List[str]] = typer.Argument(None, help="Dot
 
 
 @data_app.command("audit")
-def data_audit(kind: str = typer.Option("vqa_rad", help="Source adapter (data.kind), e.g. vqa_rad, vqa_rad_hf."),
+def data_audit(kind: str = typer.Option("vqa_rad", help="Source adapter (data.kind), e.g. vqa_rad, vqa_rad_hf, "
+                                        "slake."),
                path: str = typer.Option(..., help="Dataset folder, parquet file or HF dataset id."),
                a: str = typer.Option("train", "--a", help="Training-side split."),
                b: str = typer.Option("test", "--b", help="Evaluation-side split."),
@@ -168,14 +169,19 @@ def data_audit(kind: str = typer.Option("vqa_rad", help="Source adapter (data.ki
                seed: int = typer.Option(0, help="--disjoint: split seed."),
                stratify: Optional[str] = typer.Option(None, help="--disjoint: stratify by this meta key "
                                                       "(e.g. organ)."),
+               reference: Optional[str] = typer.Option(None, help="Folder of the original VQA-RAD release (JSON + "
+                                                       "image folder): joined by image and question, it restores "
+                                                       "the rephrasings and templated frames a derived split "
+                                                       "dropped, so they count as linked rewrites."),
                as_json: bool = typer.Option(False, "--json", help="Print one machine-readable JSON object.")) -> None:
-    """Leakage audit of a split: image overlap (by content hash) and near-duplicate questions."""
+    """Leakage audit of a split: image overlap (by content hash) and near-duplicate questions (exact, linked by the
+    dataset, lexical rewrites)."""
     from medvqa.audit import audit_splits, format_audit, image_disjoint_split
     from medvqa.config import DataConfig
     from medvqa.data.adapters import iter_raw_records
     from medvqa.data.records import validate_record
 
-    def load(split: str) -> tuple[list, int]:
+    def load(split: str, kind: str = kind, path: str = path) -> tuple[list, int]:
         rows, rejected = [], 0
         for raw in iter_raw_records(DataConfig(kind=kind, path=path, split=split)):
             rec = validate_record(raw)
@@ -188,15 +194,16 @@ def data_audit(kind: str = typer.Option("vqa_rad", help="Source adapter (data.ki
 
     try:
         (rows_a, rej_a), (rows_b, rej_b) = load(a), load(b)
+        ref_rows = load("all", "vqa_rad", reference)[0] if reference else []
         if disjoint:
             rows_a, rows_b = image_disjoint_split(rows_a + rows_b, test_fraction=test_fraction, seed=seed,
                                                   stratify_by=stratify, names=(a, b))
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
-    result = audit_splits(rows_a, rows_b, name_a=a, name_b=b)
+    result = audit_splits(rows_a, rows_b, name_a=a, name_b=b, reference=ref_rows)
     result["data"] = {"kind": kind, "path": path, "split": "image_disjoint" if disjoint else "official",
-                      "rejected": {a: rej_a, b: rej_b}}
+                      "rejected": {a: rej_a, b: rej_b}, "reference": reference}
     if disjoint:
         result["data"].update(test_fraction=test_fraction, seed=seed, stratify_by=stratify)
     if as_json:

@@ -66,10 +66,12 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    kind: Literal["phantom", "vqa_rad", "vqa_rad_hf", "roco", "roco_hf", "pathvqa_hf"] = doc(
+    kind: Literal["phantom", "vqa_rad", "vqa_rad_hf", "roco", "roco_hf", "pathvqa", "pathvqa_hf", "slake"] = doc(
         "phantom", "Source adapter: 'phantom' synthetic radiographs; 'vqa_rad' original JSON + image folder; "
-                   "'vqa_rad_hf' / 'roco_hf' / 'pathvqa_hf' HF dataset id, parquet or save_to_disk folder; "
-                   "'roco' original captions.txt + image folder.")
+                   "'roco' original captions.txt + image folder; 'pathvqa' released layout (pvqa_<split>.json + "
+                   "images/<split>/); 'slake' SLAKE 1.0 release (train/validate/test.json + imgs/, English "
+                   "questions only); 'vqa_rad_hf' / 'roco_hf' / 'pathvqa_hf' HF dataset id, parquet or save_to_disk "
+                   "folder. Image names read from dataset files must stay inside data.path (else rejected).")
     path: str = doc("", "Folder, parquet file or HF dataset id (unused for 'phantom').")
     split: str = doc("train", "Split to read ('train', 'test', 'validation').")
     task: Literal["caption", "vqa"] = doc("vqa", "Which phantom records to generate (caption or question-answer).")

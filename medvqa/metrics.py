@@ -110,27 +110,34 @@ def paper_bleu1(true: str, pred: str) -> float:
 # 2. Normalised metrics
 # ----------------------------------------------------------------------------------------------------------------
 
-_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+_ARTICLES = frozenset(("a", "an", "the"))
 _DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d)")
+# A hyphen (ASCII, U+2010 or U+2011) between two letters/digits joins the parts of one term ("a-p", "x-ray").
+_JOINING_HYPHEN = re.compile(r"(?<=[^\W_])[-\u2010\u2011](?=[^\W_])")
 # Any non-word, non-space character (ASCII punctuation, Unicode dashes/quotes, symbols such as ×, °) or "_",
-# except a "." between two digits (a decimal point).
-_PUNCT = re.compile(r"(?!(?<=\d)\.\d)(?:[^\w\s]|_)")
+# except a "." between two digits (a decimal point) and a joining "-" (split later, after the articles).
+_PUNCT = re.compile(r"(?!(?<=\d)\.\d)(?!(?<=[^\W_])-(?=[^\W_]))(?:[^\w\s]|_)")
 
 
 def normalize_answer(s: str) -> str:
     """SQuAD-style normalisation: lower-case, punctuation -> space, drop articles (a/an/the), collapse whitespace.
 
-    Two deliberate differences from SQuAD's ``normalize_answer``, both for numbers and compounds in radiology:
+    Three deliberate differences from SQuAD's ``normalize_answer``, for numbers and compounds in radiology:
     punctuation becomes a space instead of being deleted (``"x-ray"`` -> ``"x ray"``, ``"left-sided"`` shares
-    ``"left"`` with ``"left"``; SQuAD would give ``"xray"``/``"leftsided"``), and a decimal point between digits is
-    kept (``"2.5 cm"`` stays ``"2.5 cm"`` instead of ``"2 5 cm"``, which would match ``"5.2 cm"``); a comma between
-    digits is removed (``"1,000"`` -> ``"1000"``). Unicode punctuation and symbols count as punctuation.
+    ``"left"`` with ``"left"``; SQuAD would give ``"xray"``/``"leftsided"``); a decimal point between digits is
+    kept (``"2.5 cm"`` stays ``"2.5 cm"`` instead of ``"2 5 cm"``, which would match ``"5.2 cm"``), and a comma
+    between digits is removed (``"1,000"`` -> ``"1000"``); and articles are dropped only as whole words, never as
+    a part of a hyphenated term: ``"A-P view"`` -> ``"a p view"`` (our earlier rule gave ``"p view"``, losing the
+    projection), ``"A-lines"`` -> ``"a lines"``. A hyphenated term's parts stay separate
+    tokens, so ``"t2-weighted"`` still equals ``"t2 weighted"`` and ``"mri"`` is found in ``"mri-flair"``.
+    Unicode punctuation and symbols count as punctuation.
     """
     s = _text(s).lower()
     s = _DIGIT_COMMA.sub("", s)
+    s = _JOINING_HYPHEN.sub("-", s)
     s = _PUNCT.sub(" ", s)
-    s = _ARTICLES.sub(" ", s)
-    return " ".join(s.split())
+    words = " ".join(w for w in s.split() if w not in _ARTICLES)
+    return " ".join(words.replace("-", " ").split())
 
 
 def normalized_exact_match(true: str, pred: str) -> bool:

@@ -1,7 +1,9 @@
 """Split leakage audit (image overlap, near-duplicate questions) and the image-disjoint split (GUIDE §3 "Splits").
 
 Hand-made records first (pure functions, no images needed: ``image_id`` is just a string here), then the real
-VQA-RAD in ../shared/data (skipped, with the path in the reason, where it is absent) and the CLI.
+VQA-RAD in ../shared/data (skipped, with the path in the reason, where it is absent): its official split and a derived
+split built from it the way the literature's are (the frames of test questions added to training), then the CLI on
+fixtures in the release layouts.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from data_fixtures import slake_release, vqa_rad_item, vqa_rad_release
+
 from medvqa.audit import (
     KINDS,
     audit_splits,
     format_audit,
     image_disjoint_split,
     image_overlap,
+    linkage_groups,
     match_kind,
     near_duplicate_questions,
 )
@@ -96,7 +101,9 @@ def test_near_duplicates_same_image_vs_cross_image():
     nd = near_duplicate_questions(train, test)
     same, cross = nd["same_image"], nd["cross_image"]
     assert same["questions"] == 2 and same["exact"] == 1 and same["rewrite"] == 1
-    assert same["by_kind"] == {"exact": 1, "reordered": 0, "slot": 1, "content": 0}
+    assert same["by_kind"] == {"exact": 1, "linked": 0, "reordered": 0, "slot": 1, "content": 0}
+    assert (same["linked"], same["lexical"]) == (0, 1)
+    assert [(e["test_id"], e["kind"]) for e in same["flagged"]] == [("10", "exact"), ("11", "slot")]
     assert {(e["test_id"], e["train_id"], e["kind"]) for e in same["examples"]} == {("10", "1", "exact"),
                                                                                     ("11", "2", "slot")}
     assert cross["questions"] == 1 and cross["by_kind"]["exact"] == 1
@@ -146,14 +153,67 @@ def test_audit_splits_statement_and_report():
     test = [rec(10, "A", "Is there a fracture?", "test"), rec(11, "C", "Is the liver normal?", "test")]
     result = audit_splits(train, test)
     assert result["statement"] == ("1 of 2 test questions (50.0%) have their image in train (by content hash); 1 "
-                                   "near-duplicate questions on the same image (1 exact, 0 templated rewrites); 0 "
-                                   "have a near-duplicate on another image.")
+                                   "near-duplicate questions on the same image (1 exact, linked rewrites not checked: "
+                                   "no linkage in the data, 0 lexical rewrites); 0 have a near-duplicate on another "
+                                   "image.")
     assert result["sizes"] == {"train": 2, "test": 2} and result["names"] == {"a": "train", "b": "test"}
     json.dumps(result)  # serialisable
     text = format_audit(result)
     assert result["statement"] in text and "1 of 2 (50.0%)" in text and "Is there a fracture?" in text
     named = audit_splits(train, test, name_a="dev", name_b="heldout")
     assert "heldout questions" in named["statement"] and "image in dev" in named["statement"]
+
+
+# ------------------------------------------------------------------------------------------------ linked rewrites
+
+
+def vrec(rid, image_id, prompt, split="train", group="", frame=None, rephrase=None, relation="strict agreement"):
+    """A record with VQA-RAD's linkage meta (as ``adapters.vqa_rad_original`` keeps it)."""
+    return {**rec(rid, image_id, prompt, split, qid_linked_id=group, question_frame=frame,
+                  question_rephrase=rephrase, question_relation=relation), "image_name": f"{image_id}.jpg"}
+
+
+def test_linked_rewrites_from_the_datasets_own_linkage():
+    train = [vrec(1, "A", "Are >12 ribs present in the image?", group="g1"),
+             vrec(2, "A", "Is there a pneumothorax?", group="g2"),
+             vrec(3, "B", "Is the heart enlarged?", group="g3", relation="Subsumes"),
+             vrec(4, "C", "Is/Are the lungs normal size?", group="g9")]  # the same text on another image
+    test = [vrec(10, "A", "does this represent adequate inspiratory effort?", "test", group="g1",
+                 frame="Is/Are the lungs normal size?"),
+            vrec(11, "B", "Is there cardiomegaly?", "test", group="g3", relation="Subsumed"),  # loose: not linked
+            vrec(12, "A", "Is there a pneumothorax?", "test", group="g2")]
+    assert match_kind(train[0]["prompt"], test[0]["prompt"]) is None  # no lexical rule sees this rewrite
+    nd = near_duplicate_questions(train, test)
+    same = nd["same_image"]
+    assert [(e["test_id"], e["train_id"], e["kind"]) for e in same["flagged"]] == [("10", "1", "linked"),
+                                                                                  ("12", "2", "exact")]
+    assert (same["questions"], same["exact"], same["linked"], same["lexical"], same["rewrite"]) == (2, 1, 1, 0, 1)
+    assert nd["cross_image"]["linked"] == 0  # a linkage group lives on one image
+    assert nd["linkage"] == {"train_rows": 4, "test_rows": 3, "reference_rows": 0}
+
+
+def test_reference_recovers_the_linkage_a_derived_split_dropped():
+    original = [vrec(1, "A", "Is there a rib fracture?", "test", group="g1", frame="Is/Are there a rib fracture?",
+                     rephrase="Is there evidence of any fractures of the ribs?"),
+                vrec(2, "A", "Is there evidence of any fractures of the ribs?", "test", group="g1",
+                     frame="Is/Are there fracturing in the patient's ribs?"),
+                vrec(3, "A", "Is the heart enlarged?", "train", group="g2", frame="Is/Are the heart enlarged?",
+                     relation="conversion")]
+    bare = lambda r, **kw: {**r, "meta": "{}", **kw}  # noqa: E731 - the derived split keeps no linkage fields
+    test = [bare(original[0]), bare(original[1])]
+    train = [bare(original[2]), bare(original[1], id="f2", prompt="Is/Are there fracturing in the patient's ribs?",
+                                      split="train")]
+    groups = linkage_groups(train + test, reference=original)
+    assert groups[0] == {"g2#3"} and groups[1] == {"g1"} == groups[2] == groups[3]
+    assert linkage_groups(train + test) == [frozenset()] * 4
+    lexical = near_duplicate_questions(train, test)["same_image"]
+    linked = near_duplicate_questions(train, test, reference=original)["same_image"]
+    assert lexical["questions"] == 0  # "fracturing in the patient's ribs" is no lexical rewrite of either
+    assert [(e["test_id"], e["train_id"], e["kind"]) for e in linked["flagged"]] == [("1", "f2", "linked"),
+                                                                                    ("2", "f2", "linked")]
+    # joined by file name when the derived split re-encoded the images (another content hash)
+    renamed = [{**r, "image_id": "A2"} for r in train + test]
+    assert near_duplicate_questions(renamed[:2], renamed[2:], reference=original)["same_image"]["linked"] == 2
 
 
 # ------------------------------------------------------------------------------------------------ disjoint split
@@ -230,10 +290,60 @@ def test_vqa_rad_official_split_overlap(vqa_rad_rows):
     assert (len(train), len(test)) == (1797, 451)
     assert ov["questions"] == 446 and ov["total_questions"] == 451
     assert result["statement"].startswith("446 of 451 test questions (98.9%) have their image in train")
-    # The official split asks almost no question twice about the same image; those it does are found.
-    same = result["near_duplicates"]["same_image"]
-    assert 1 <= same["questions"] <= 10 and same["exact"] >= 1
-    assert any(e["test_id"] == "447" and e["train_id"] == "422" for e in same["examples"])
+    # The official split keeps every linkage group on one side, so the same-image hits are few, and each is listed
+    # here with what it is. Two repeat a training question and its answer about the image: 447 is 422 word for word
+    # (both "Anterior mediastinum"), 1301 is 1306 but for "any" (both "No"). Two are template siblings on the
+    # image, another finding in the same slot: air vs fluid in the peritoneal cavity (both "No"), the right vs the
+    # left hemidiaphragm ("No" vs "Yes").
+    nd = result["near_duplicates"]
+    same = nd["same_image"]
+    assert [(e["test_id"], e["train_id"], e["kind"]) for e in same["flagged"]] == [
+        ("103", "118", "slot"), ("299", "195", "slot"), ("447", "422", "exact"), ("1301", "1306", "content")]
+    assert (same["exact"], same["linked"], same["lexical"]) == (1, 0, 3)
+    assert nd["linkage"] == {"train_rows": 1797, "test_rows": 451, "reference_rows": 0}
+    cross = nd["cross_image"]
+    assert (cross["questions"], cross["exact"], cross["linked"], cross["lexical"]) == (188, 85, 0, 103)
+
+
+def _derived_split(rows: list[dict]) -> tuple[list[dict], list[dict], set[str]]:
+    """A derived split as the literature builds them from VQA-RAD: the official train and test questions plus every
+    record's templated frame as a training question of its own, on the same image with the same answer (frames of
+    test questions included: 1,797 + 1,267 = 3,064 training questions), every linkage field dropped. Returns (train,
+    test, ids of the test questions whose frame went into training)."""
+    def bare(r: dict, **kw) -> dict:
+        meta = {k: v for k, v in json.loads(r["meta"]).items()
+                if k not in ("qid_linked_id", "question_frame", "question_rephrase", "question_relation")}
+        return {**r, "meta": json.dumps(meta), **kw}
+
+    frames = [bare(r, id=f"frame-{r['id']}", prompt=json.loads(r["meta"])["question_frame"], split="train")
+              for r in rows if json.loads(r["meta"])["question_frame"]]
+    train = [bare(r) for r in rows if r["split"] == "train"] + frames
+    test = [bare(r) for r in rows if r["split"] == "test"]
+    framed = {f["id"][len("frame-"):] for f in frames} & {r["id"] for r in test}
+    return train, test, framed
+
+
+@needs_vqa_rad
+def test_vqa_rad_derived_split_with_test_frames(vqa_rad_rows):
+    train, test, framed = _derived_split(vqa_rad_rows)
+    assert (len(train), len(test), len(framed)) == (3064, 451, 284)
+    lexical = audit_splits(train, test)
+    joined = audit_splits(train, test, reference=vqa_rad_rows)
+
+    def flagged(result: dict) -> dict[str, str]:
+        return {e["test_id"]: e["kind"] for e in result["near_duplicates"]["same_image"]["flagged"]}
+
+    # the lexical matcher alone finds fewer than half of the test questions whose frame is in training ...
+    assert len(set(flagged(lexical)) & framed) == 109 < len(framed) / 2
+    assert "linked rewrites not checked: no linkage in the data" in lexical["statement"]
+    # ... joined against the original release, the audit finds every one (and two whose strict paraphrase's frame
+    # was added), as exact (the frame repeats the question) or linked rewrites
+    assert framed <= set(flagged(joined)) and len(flagged(joined)) == 286
+    same = joined["near_duplicates"]["same_image"]
+    assert (same["exact"], same["linked"], same["lexical"]) == (16, 270, 0)
+    assert set(flagged(lexical)) <= set(flagged(joined))
+    assert joined["near_duplicates"]["linkage"] == {"train_rows": 3064, "test_rows": 451, "reference_rows": 2248}
+    assert "(16 exact, 270 linked rewrites, 0 lexical rewrites)" in joined["statement"]
 
 
 @needs_vqa_rad
@@ -287,3 +397,65 @@ def test_cli_audit_missing_path(tmp_path):
 
     out = CliRunner().invoke(app, ["data", "audit", "--kind", "vqa_rad", "--path", str(tmp_path / "nowhere")])
     assert out.exit_code == 2 and "not found" in out.output and "nowhere" in out.output
+
+
+def _release_and_derived(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny VQA-RAD release (with its linkage) and a split derived from it: the frames of the two linked test
+    questions added to training as questions of their own, every linkage field dropped, the same image files."""
+    images = {"synpic1.jpg": 1, "synpic2.jpg": 2}
+    items = [vqa_rad_item(1, "synpic1.jpg", "Is there a pneumothorax?", "No", "freeform", "g1",
+                          frame="Is/Are there pneumothorax?"),
+             vqa_rad_item(2, "synpic1.jpg", "does this represent adequate inspiratory effort?", "Yes", "test_freeform",
+                          "g2", frame="Is/Are the lungs normal size?", rephrase="Are >12 ribs present in the image?"),
+             vqa_rad_item(3, "synpic1.jpg", "Are >12 ribs present in the image?", "Yes", "test_para", "g2",
+                          frame="Are there >12 of ribs?", rephrase="does this represent adequate inspiratory effort?"),
+             vqa_rad_item(4, "synpic2.jpg", "Is the liver enlarged?", "No", "test_freeform", "g3")]
+    original = vqa_rad_release(tmp_path / "original", items, images)
+    linkage = ("qid_linked_id", "question_frame", "question_rephrase", "question_relation")
+    derived = [{k: v for k, v in it.items() if k not in linkage} for it in items]
+    derived += [{**derived[i], "qid": f"f{i}", "question": items[i]["question_frame"], "phrase_type": "frame"}
+                for i in (1, 2)]
+    return original, vqa_rad_release(tmp_path / "derived", derived, images)
+
+
+def test_cli_audit_reference_recovers_linked_rewrites(tmp_path):
+    from typer.testing import CliRunner
+
+    from medvqa.cli import app
+
+    original, derived = _release_and_derived(tmp_path)
+    runner = CliRunner()
+    args = ["data", "audit", "--kind", "vqa_rad", "--path", str(derived), "--json"]
+    alone = json.loads(runner.invoke(app, args).stdout)
+    joined = runner.invoke(app, [*args, "--reference", str(original)])
+    assert joined.exit_code == 0, joined.output
+    joined = json.loads(joined.stdout)
+    assert alone["sizes"] == joined["sizes"] == {"train": 3, "test": 3}
+    same_alone, same = alone["near_duplicates"]["same_image"], joined["near_duplicates"]["same_image"]
+    assert [(e["test_id"], e["kind"]) for e in same_alone["flagged"]] == [("3", "content")]  # ">12 ribs" only
+    # 2 and 3 are paraphrases in strict agreement: each is linked to both frames (the first is listed)
+    assert [(e["test_id"], e["train_id"], e["kind"]) for e in same["flagged"]] == [("2", "f1", "linked"),
+                                                                                  ("3", "f1", "linked")]
+    assert same["questions"] == 2 and (same["exact"], same["linked"], same["lexical"]) == (0, 2, 0)
+    assert joined["near_duplicates"]["linkage"]["reference_rows"] == 4 and joined["data"]["reference"] == str(original)
+    text = runner.invoke(app, ["data", "audit", "--path", str(derived), "--reference", str(original)]).stdout
+    assert "(0 exact, 2 linked rewrites, 0 lexical rewrites)" in text and "joined against 4 reference" in text
+    bad = runner.invoke(app, [*args, "--reference", str(tmp_path / "nowhere")])
+    assert bad.exit_code == 2 and "nowhere" in bad.output
+
+
+def test_cli_audit_slake(tmp_path):
+    from typer.testing import CliRunner
+
+    from medvqa.cli import app
+
+    root = slake_release(tmp_path / "Slake1.0")
+    out = CliRunner().invoke(app, ["data", "audit", "--kind", "slake", "--path", str(root), "--json"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.stdout)
+    assert result["sizes"] == {"train": 4, "test": 2}  # English only; the test image not shipped and the escaping
+    assert result["data"]["rejected"] == {"train": 0, "test": 2}  # path are rejects, left out of the audit
+    assert (result["image_overlap"]["questions"], result["image_overlap"]["unique_images"]) == (1, 1)
+    same = result["near_duplicates"]["same_image"]
+    assert [(e["test_id"], e["train_id"], e["kind"]) for e in same["flagged"]] == [("6", "1", "exact")]
+    assert "linked rewrites not checked" in result["statement"]

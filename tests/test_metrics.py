@@ -76,6 +76,27 @@ def test_normalize_answer():
     assert normalize_answer(None) == ""
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("A-P view", "a p view"),                 # not "p view": an article inside a hyphenated term is a part of it
+    ("The P-A view.", "p a view"),
+    ("the A-lines", "a lines"),
+    ("Port-a-Cath", "port a cath"),           # in VQA-RAD qid 647
+    ("a\u2010p view", "a p view"),            # Unicode hyphen
+    ("t2-weighted", "t2 weighted"),           # parts stay tokens: equal to the spaced spelling
+    ("pre- and post-contrast", "pre and post contrast"),
+    ("a - p", "p"),                           # a spaced dash joins nothing: "a" is a word
+])
+def test_normalize_answer_keeps_every_part_of_hyphenated_terms(text, expected):
+    assert normalize_answer(text) == expected
+
+
+def test_hyphenated_terms_in_the_normalised_metrics():
+    assert not normalized_exact_match("A-P view", "P view") and not normalized_exact_match("A-P", "P-A")
+    assert normalized_exact_match("A-P view", "a-p view.") and normalized_exact_match("t2-weighted", "T2 weighted")
+    assert normalized_f1("A-P view", "P view") == pytest.approx(0.8)  # was 1.0 when "a" was dropped
+    assert open_recall("mri", "MRI-FLAIR") == 1.0
+
+
 def test_normalized_em_and_f1():
     assert normalized_exact_match("Yes", "yes.")
     assert not normalized_exact_match("yes", "yes there is")

@@ -2,7 +2,9 @@
 
 Folder sources yield file paths, not pixels (``image_path``); the validation tasks read and check them. Missing
 image files are yielded as records whose path does not exist, so they are rejected with a reason and counted,
-never silently skipped (the study skipped them). ``meta`` is yielded as a JSON string: Arrow infers no struct
+never silently skipped (the study skipped them). Every path built from a name in a dataset file comes with
+``image_root``, the dataset folder: validation refuses, unopened, a path that resolves outside it (``records.py``,
+*Path confinement*). ``meta`` is yielded as a JSON string: Arrow infers no struct
 type from it, so records of any source go through ``ray.data.from_items`` unchanged.
 
 Subsets (``limit``, ``seed``): records are ordered by sha1(seed, id) and the first ``limit`` kept, yielded in source
@@ -24,7 +26,8 @@ from medvqa.data.records import YES_NO
 
 VQA_RAD_JSON = "VQA_RAD Dataset Public.json"
 VQA_RAD_IMAGES = "VQA_RAD Image Folder"
-_SPLIT_ALIASES = {"validation": ("validation", "val", "valid", "dev"), "val": ("val", "validation", "valid", "dev"),
+_SPLIT_ALIASES = {"validation": ("validation", "val", "valid", "validate", "dev"),
+                  "val": ("val", "validation", "valid", "validate", "dev"),
                   "test": ("test",), "train": ("train",)}
 
 
@@ -77,10 +80,21 @@ def subset(records: Iterable[dict], limit: int | None, seed: int = 0) -> list[di
 # ------------------------------------------------------------------------------------------------ VQA-RAD
 
 
+def _linkage_text(value: Any) -> str | None:
+    """VQA-RAD writes a missing rephrasing/frame as the string 'NULL' (two records lack the key)."""
+    text = str(value).strip() if value is not None else ""
+    return None if text in ("", "NULL") else text
+
+
 def vqa_rad_original(folder: str | os.PathLike, split: str = "train", limit: int | None = None,
                      seed: int = 0) -> Iterator[dict]:
     """VQA-RAD as released (JSON + image folder), official split: phrase_type test_freeform/test_para -> 'test'
-    (451), everything else -> 'train' (1,797). ``split='all'`` yields both, each labelled with its own split."""
+    (451), everything else -> 'train' (1,797). ``split='all'`` yields both, each labelled with its own split.
+
+    ``meta`` keeps the release's linkage for the leakage audit: ``qid_linked_id`` (shared by a free-form question and
+    its paraphrases, always on one image and, in the official split, on one side), ``question_rephrase`` and
+    ``question_frame`` (a templated rewrite that keeps the answer; text only, not a record of its own), None when
+    the release says 'NULL'."""
     folder = _require(Path(folder).expanduser(), "VQA-RAD folder")
     path = _require(folder / VQA_RAD_JSON, "VQA-RAD JSON")
     if split not in ("train", "test", "all"):
@@ -99,6 +113,7 @@ def vqa_rad_original(folder: str | os.PathLike, split: str = "train", limit: int
         out.append({
             "id": qid,
             "image_path": str(images / name) if name else None,
+            "image_root": str(folder),
             "image_name": name,
             "prompt": item.get("question"),
             # Five answers are ints: str() here, as a column of mixed str/int becomes pickled objects in Ray
@@ -110,6 +125,9 @@ def vqa_rad_original(folder: str | os.PathLike, split: str = "train", limit: int
             "source": "vqa_rad",
             "meta": _meta(organ=item.get("image_organ"), question_type=item.get("question_type"),
                           phrase_type=phrase_type, qid=qid, qid_linked_id=item.get("qid_linked_id"),
+                          question_rephrase=_linkage_text(item.get("question_rephrase")),
+                          question_frame=_linkage_text(item.get("question_frame")),
+                          question_relation=_linkage_text(item.get("question_relation")),
                           evaluation=item.get("evaluation"), format="original"),
         })
     return iter(subset(out, limit, seed))  # eager: a bad path raises here, not at first next()
@@ -212,16 +230,33 @@ def _iter_hf(path_or_id, split: str, limit: int | None, seed: int, fields: dict[
     if len(positions) < len(ds):
         ds = ds.select(positions)
     ds = ds.select_columns(sorted(set(cols.values())))
-    return _hf_rows(ds, cols, positions, ids, split, make)
+    return _hf_rows(ds, cols, positions, ids, split, make, _hf_root(path_or_id))
 
 
-def _hf_rows(ds, cols, positions, ids, split, make) -> Iterator[dict]:
+def _hf_root(path_or_id) -> str:
+    """The folder an image cell's path (used only when the cell has no bytes) must stay in: a local dataset's
+    folder; for a hub id, the Hugging Face caches the datasets library downloads image files into (their common
+    folder, '' when they share none but '/', which admits no path)."""
+    local = Path(os.fspath(path_or_id)).expanduser()
+    if local.exists():
+        return str(local if local.is_dir() else local.parent)
+    from datasets import config
+    from huggingface_hub import constants
+
+    common = os.path.commonpath([os.path.realpath(config.HF_DATASETS_CACHE),
+                                 os.path.realpath(constants.HF_HUB_CACHE)])
+    return "" if common == os.sep else common
+
+
+def _hf_rows(ds, cols, positions, ids, split, make, root: str) -> Iterator[dict]:
+    """``root`` (``_hf_root``): relative image paths are taken from it and every path is confined to it."""
     img = cols["image"]
     for j, row in enumerate(ds):
         i = positions[j]
         data, path = _image_value(row[img])
         rec = make({k: row[c] for k, c in cols.items()}, ids[i], i)
-        rec.update(image=data, image_path=path, image_name=os.path.basename(path) if path else "", split=split)
+        rec.update(image=data, image_path=os.path.join(root, path) if path and root else path, image_root=root,
+                   image_name=os.path.basename(path) if path else "", split=split)
         yield rec
 
 
@@ -243,7 +278,12 @@ def vqa_rad_hf(path_or_id, split: str = "train", limit: int | None = None, seed:
 
 
 def pathvqa_hf(path_or_id, split: str = "train", limit: int | None = None, seed: int = 0) -> Iterator[dict]:
-    """PathVQA as on the HF hub (``flaviagiammarino/path-vqa``: image, question, answer)."""
+    """PathVQA as on the HF hub (``flaviagiammarino/path-vqa``: image, question, answer), or, when the path is a
+    folder in the released layout (``pvqa_<split>.json``), read by ``pathvqa_original``: a PathVQA path given to the
+    evaluation's out-of-distribution option works in either layout."""
+    folder = Path(os.fspath(path_or_id)).expanduser()
+    if folder.is_dir() and any(folder.glob("pvqa_*.json")):
+        return pathvqa_original(folder, split, limit=limit, seed=seed)
     return _hf_vqa(path_or_id, split, limit, seed, "pathvqa")
 
 
@@ -285,7 +325,8 @@ def roco_original(folder: str | os.PathLike, split: str = "train", limit: int | 
     """ROCO as released: ``<folder>/<split>/radiology/captions.txt`` (``ROCO_xxxxx<TAB> caption``) and images at
     ``images/ROCO_xxxxx.jpg`` (or the file name in a ``dlinks.txt`` third column, as ROCO's download script saves
     them). Records whose image is absent are yielded and rejected by validation with 'missing image'."""
-    root = _roco_split_dir(_require(Path(folder).expanduser(), "ROCO folder"), split)
+    folder = _require(Path(folder).expanduser(), "ROCO folder")
+    root = _roco_split_dir(folder, split)
     captions = _require(root / "captions.txt", "ROCO captions")
     links = _tab_file(root / "dlinks.txt")
     keywords = _tab_file(root / "keywords.txt")
@@ -300,7 +341,8 @@ def roco_original(folder: str | os.PathLike, split: str = "train", limit: int | 
             name = links[rid][-1] if links.get(rid) and links[rid][-1].lower().endswith(
                 (".jpg", ".jpeg", ".png")) else f"{rid}.jpg"
             out.append({
-                "id": rid or f"line-{n}", "image_path": str(root / "images" / name), "image_name": name,
+                "id": rid or f"line-{n}", "image_path": str(root / "images" / name), "image_root": str(folder),
+                "image_name": name,
                 "prompt": "", "target": text, "answer_type": "", "question_type": "", "split": split,
                 "source": "roco", "meta": _meta(keywords=keywords.get(rid, []), format="original", line=n),
             })
@@ -335,10 +377,47 @@ def pathvqa_original(folder: str | os.PathLike, split: str = "train", limit: int
             answer = max(label.items(), key=lambda kv: kv[1])[0] if isinstance(label, dict) and label else None
             out.append({
                 "id": f"{img_id}-{k}", "image_path": str(folder / "images" / name / f"{img_id}.jpg"),
-                "image_name": f"{img_id}.jpg", "prompt": question, "target": answer,
+                "image_root": str(folder), "image_name": f"{img_id}.jpg", "prompt": question, "target": answer,
                 "answer_type": _closed_if_yes_no(answer), "question_type": "", "split": split,
                 "source": "pathvqa", "meta": _meta(img_id=img_id, question_index=k, format="original"),
             })
+    return iter(subset(out, limit, seed))  # eager: a bad path raises here, not at first next()
+
+
+# ------------------------------------------------------------------------------------------------ SLAKE
+
+
+def slake(folder: str | os.PathLike, split: str = "train", limit: int | None = None, seed: int = 0) -> Iterator[dict]:
+    """SLAKE 1.0 as released: ``train.json``, ``validate.json`` (split 'validation'), ``test.json`` and
+    ``imgs/<img_name>`` (e.g. ``imgs/xmlab102/source.jpg``). Only the English subset (``q_lang == 'en'``); the
+    Chinese questions are not yielded. ``meta`` carries what the report breaks metrics down by: ``modality``,
+    ``organ`` (SLAKE's ``location``, under the key VQA-RAD and the phantoms use, so stratified splits and same-organ
+    swaps work alike), ``content_type`` and ``base_type`` (``vqa`` or knowledge-based ``kvqa``)."""
+    folder = _require(Path(folder).expanduser(), "SLAKE folder")
+    for name in _aliases(split):
+        path = folder / f"{name}.json"
+        if path.exists():
+            break
+    else:
+        raise ValueError(f"SLAKE file not found: {folder / f'{split}.json'} (train.json, validate.json, test.json)")
+    with open(path, encoding="utf-8") as f:
+        items = json.load(f)
+    out = []
+    for n, item in enumerate(items):
+        if str(item.get("q_lang", "")).strip().lower() != "en":
+            continue
+        name = str(item.get("img_name") or "").strip()
+        qid = item.get("qid")
+        out.append({
+            "id": str(qid).strip() if qid is not None else f"{split}-{n}",
+            "image_path": str(folder / "imgs" / name) if name else None, "image_root": str(folder),
+            "image_name": name, "prompt": item.get("question"), "target": _str_if_number(item.get("answer")),
+            "answer_type": item.get("answer_type"), "question_type": item.get("content_type"), "split": split,
+            "source": "slake",
+            "meta": _meta(modality=item.get("modality"), organ=item.get("location"),
+                          content_type=item.get("content_type"), base_type=item.get("base_type"),
+                          img_id=item.get("img_id"), qid=qid, format="original"),
+        })
     return iter(subset(out, limit, seed))  # eager: a bad path raises here, not at first next()
 
 
@@ -394,7 +473,7 @@ def iter_raw_records(data_cfg) -> Iterator[dict]:
         n = limit if limit is not None else data_cfg.num_records
         return (phantom_record(i, data_cfg.task, seed, split, data_cfg.phantom_anatomy) for i in range(n))
     readers = {"vqa_rad": vqa_rad_original, "vqa_rad_hf": vqa_rad_hf, "roco": roco_original, "roco_hf": roco_hf,
-               "pathvqa": pathvqa_original, "pathvqa_hf": pathvqa_hf, "medhalt": medhalt_fake}
+               "pathvqa": pathvqa_original, "pathvqa_hf": pathvqa_hf, "slake": slake, "medhalt": medhalt_fake}
     if kind not in readers:
         raise ValueError(f"unknown data kind {kind!r} (known: phantom, {', '.join(readers)})")
     if not path:

@@ -1,10 +1,10 @@
 """Unified record schema and validation: every source becomes rows of ``SCHEMA``; bad rows carry a reason.
 
-A *raw* record is a dict with SCHEMA's keys, except that it may hold ``image_path`` instead of ``image`` bytes and
-its values may be messy (ints, None, NaN, numpy scalars, trailing spaces, 'CLOSED '). ``validate_record`` turns one
-raw record into one SCHEMA row and never raises: a row that cannot be used has a non-empty ``reject_reason`` of the
-form ``"<prefix>: <detail>"``, with a stable prefix from ``REASONS`` (grep/count by prefix); several problems are
-joined with ``"; "`` and ``reject_summary`` counts each.
+A *raw* record is a dict with SCHEMA's keys, except that it may hold ``image_path`` (with ``image_root``, see *Path
+confinement* below) instead of ``image`` bytes and its values may be messy (ints, None, NaN, numpy scalars, trailing
+spaces, 'CLOSED '). ``validate_record`` turns one raw record into one SCHEMA row and never raises: a row that cannot
+be used has a non-empty ``reject_reason`` of the form ``"<prefix>: <detail>"``, with a stable prefix from
+``REASONS`` (grep/count by prefix); several problems are joined with ``"; "`` and ``reject_summary`` counts each.
 
 Rules (decided here, relied on downstream):
 - Text fields are stripped and internal whitespace is collapsed (VQA-RAD has tabs where commas were). Integers and
@@ -18,6 +18,14 @@ Rules (decided here, relied on downstream):
 - The image comes from ``image`` bytes, else from ``image_path``, and must decode with PIL. A record without either
   is rejected ('missing image') unless its meta says ``"needs_image": false`` (Med-HALT fake questions: the
   evaluation attaches an image later); such rows have ``image=b''`` and ``image_id=''``.
+- **Path confinement.** A raw record whose ``image_path`` was built from a name in a dataset file carries
+  ``image_root``, the dataset folder (the adapters set it). Such a path must resolve, symlinks followed, to a regular
+  file inside the resolved folder; otherwise the record is rejected ('image path outside the dataset folder') and
+  the file is never opened: a ``../../etc/passwd`` name, an absolute name, or a symlink inside the folder that
+  points out of it. The folder itself may be reached through a symlink (it is resolved first). Symlinks that escape
+  are refused because a downloaded archive can carry them as easily as a ``..`` name; keep a dataset's files under
+  one folder (or link the whole folder). ``image_root=''`` admits no path. Any path that is not a regular file (a
+  directory, a FIFO, a device) is 'unreadable image', unopened.
 - ``image_id`` is the sha1 hex of the encoded bytes: identical files get the same id across splits and sources.
 - ``meta`` is stored as a JSON object string with sorted keys; raw meta may be a dict, a JSON string or None.
 """
@@ -29,6 +37,7 @@ import io
 import json
 import math
 import os
+import stat
 from collections import Counter
 from typing import Any, Iterable
 
@@ -54,7 +63,7 @@ COLUMNS = SCHEMA.names
 # Stable reason prefixes (the part before ':').
 REASONS = (
     "missing id", "missing split", "missing source",
-    "missing image", "unreadable image", "empty image", "corrupt image",
+    "missing image", "unreadable image", "empty image", "corrupt image", "image path outside the dataset folder",
     "empty prompt", "non-string prompt", "empty target", "non-string target",
     "bad answer_type", "non-string answer_type", "bad meta", "invalid record",
 )
@@ -176,8 +185,18 @@ def encode_pil(image: Any) -> bytes:
     return buf.getvalue()
 
 
+def _confinement_error(path: str, root: str) -> str:
+    """'' when ``path`` resolves (symlinks followed) inside the resolved folder ``root``, else the reject reason.
+    Resolves names only: nothing is opened or read."""
+    real_root = os.path.realpath(root) if root else ""
+    real = os.path.realpath(path)
+    if real_root and os.path.commonpath([real_root, real]) == real_root:
+        return ""
+    return f"image path outside the dataset folder: {path}"
+
+
 def _load_image(raw: dict, needs_image: bool) -> tuple[bytes, str]:
-    """(bytes, reason). Prefers ``image`` bytes over ``image_path``."""
+    """(bytes, reason). Prefers ``image`` bytes over ``image_path``; a path with ``image_root`` is confined to it."""
     data, path = _scalar(raw.get("image")), _scalar(raw.get("image_path"))
     if isinstance(data, dict):  # HF Image feature with decode=False: {'bytes', 'path'}
         if _missing(path) or not str(path).strip():
@@ -196,12 +215,19 @@ def _load_image(raw: dict, needs_image: bool) -> tuple[bytes, str]:
             return b"", ("empty image: 0 bytes" if needs_image else "")
         return b"", ("missing image: no image or image_path" if needs_image else "")
     path = os.fspath(path)
+    root = _scalar(raw.get("image_root"))
+    if not _missing(root):
+        err = _confinement_error(path, os.fspath(root))
+        if err:
+            return b"", err
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block open(), a device never end read()
+            return b"", f"unreadable image: {path} (not a regular file)"
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         return b"", f"missing image: {path}"
-    except OSError as e:  # a directory, no permission, I/O error
+    except OSError as e:  # no permission, I/O error, a name too long
         return b"", f"unreadable image: {path} ({type(e).__name__})"
     if not data:
         return b"", f"empty image: 0 bytes at {path}"
