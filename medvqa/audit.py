@@ -33,13 +33,13 @@ stratified by a meta key such as ``organ``); its audit reports 0 image overlap b
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from itertools import combinations
 from typing import Any
 
+from medvqa.data.records import parse_meta
 from medvqa.metrics import normalize_answer
 
 __all__ = ["image_overlap", "near_duplicate_questions", "audit_splits", "image_disjoint_split", "format_audit",
@@ -302,13 +302,7 @@ def audit_splits(rows_a: Sequence[dict], rows_b: Sequence[dict], name_a: str = "
 def _meta_value(row: dict, key: str) -> Any:
     if key in row and key != "meta":
         return row[key]
-    meta = row.get("meta")
-    if isinstance(meta, str):
-        try:
-            meta = json.loads(meta) if meta.strip() else {}
-        except ValueError:
-            meta = {}
-    return meta.get(key) if isinstance(meta, dict) else None
+    return parse_meta(row.get("meta")).get(key)
 
 
 def _group_key(row: dict) -> str:

@@ -8,8 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from medvqa.config import dump_yaml, load_config
-from medvqa.evaluate import _write_cell, cell_path, score_matrix
+from medvqa.config import load_config
+from medvqa.metrics import json_ready, matrix_metrics
+from medvqa.predictions import CellWriter
 from medvqa.report import (
     HumanEvalError,
     build_report,
@@ -18,7 +19,7 @@ from medvqa.report import (
     merge_human_eval,
     read_human_eval,
 )
-from medvqa.score import json_ready
+from medvqa.runs import RunDir
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -54,22 +55,35 @@ def _cell_frame(model: str, condition: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def make_run(root: Path, kind: str = "phantom", data_path: str = "") -> Path:
-    """A fake run directory: config.yaml, environment.json, eval/predictions/*/*.parquet and a metrics.json from
-    the real scoring code (``evaluate.score_matrix``)."""
-    run = root / "tiny-run-abc123"
-    run.mkdir(parents=True)
-    overrides = [f"stage2.data.kind={kind}"] + ([f"stage2.data.path={data_path}"] if data_path else [])
-    (run / "config.yaml").write_text(dump_yaml(load_config("tiny", overrides)))
-    (run / "environment.json").write_text(json.dumps({"time": 0.0, "git": {"commit": COMMIT, "dirty": False}}))
-    out = run / "eval"
-    for (m, c) in PREDS:
-        _write_cell(_cell_frame(m, c), cell_path(out, m, c))
-    metrics = score_matrix(out, ["base", "two_stage"], ["true", "swapped"], n_boot=200, seed=0)
-    metrics["settings"] = {"evaluated": ["base", "two_stage"], "conditions": ["true", "swapped"], "seed": 0,
-                           "n_questions": len(QUESTIONS)}
+def write_cells(out: Path, frames: dict) -> dict:
+    """Store prediction frames {(model, condition): df} as the evaluation does; {model: {condition: path}}."""
+    paths: dict = {}
+    for (m, c), df in frames.items():
+        writer = CellWriter(out, m, {c: df.to_dict("records")}, {"test": m})
+        if writer.pending():
+            writer.add(df)
+        paths.setdefault(m, {})[c] = writer.path(c).relative_to(out).as_posix()
+    return paths
+
+
+def write_metrics(out: Path, frames: dict, n_boot: int = 200) -> dict:
+    """Cells and a metrics.json from the real scoring code (``metrics.matrix_metrics``), as ``run_matrix`` writes
+    them."""
+    metrics = matrix_metrics(frames, n_boot=n_boot, seed=0)
+    metrics["settings"] = {"evaluated": list(dict.fromkeys(m for m, _ in frames)), "conditions": ["true", "swapped"],
+                           "seed": 0, "n_questions": len(QUESTIONS), "cells": write_cells(out, frames)}
     (out / "metrics.json").write_text(json.dumps(json_ready(metrics)))
-    return run
+    return metrics
+
+
+def make_run(root: Path, kind: str = "phantom", data_path: str = "") -> Path:
+    """A fake run directory: config.yaml, environment.json, eval/ cells and metrics.json."""
+    rd = RunDir(root / "tiny-run-abc123")
+    overrides = [f"stage2.data.kind={kind}"] + ([f"stage2.data.path={data_path}"] if data_path else [])
+    rd.write_config(load_config("tiny", overrides))
+    rd.write_json(rd.environment, {"time": 0.0, "git": {"commit": COMMIT, "dirty": False}})
+    write_metrics(rd.eval, {(m, c): _cell_frame(m, c) for m, c in PREDS})
+    return rd.path
 
 
 @pytest.fixture()
@@ -118,12 +132,12 @@ def test_seeds_are_a_dimension(tmp_path):
     """Two seeds of two_stage (``two_stage@<seed>``): per-seed values and mean ± SD across seeds in metrics.json and
     in the report; a model run with one seed gets no across-seed row."""
     run = make_run(tmp_path)
-    out = run / "eval"
     other = _cell_frame("two_stage", "true")
     other["predicted_answer"] = other["raw_prediction"] = ["yes", "no", "chest", "left", "ct", "no", "effusion", "no"]
+    frames = {(m, c): _cell_frame(m, c) for m, c in PREDS if m == "base"}
     for seed, df in (("0", _cell_frame("two_stage", "true")), ("1", other)):
-        _write_cell(df.assign(model=f"two_stage@{seed}"), cell_path(out, f"two_stage@{seed}", "true"))
-    metrics = score_matrix(out, ["base", "two_stage@0", "two_stage@1"], ["true", "swapped"], n_boot=100, seed=0)
+        frames[f"two_stage@{seed}", "true"] = df.assign(model=f"two_stage@{seed}")
+    metrics = write_metrics(run / "eval", frames, n_boot=100)
     em = [metrics["cells"][f"two_stage@{s}"]["true"]["normalized_em"] for s in "01"]
     assert em == [0.75, 0.75]  # seed 1: 'ct' right, 'no' wrong for q5
     f1 = [metrics["cells"][f"two_stage@{s}"]["true"]["normalized_f1"] for s in "01"]
@@ -133,8 +147,6 @@ def test_seeds_are_a_dimension(tmp_path):
     assert entry["normalized_f1"]["mean"] == pytest.approx(sum(f1) / 2)
     assert entry["normalized_f1"]["sd"] == pytest.approx(abs(f1[0] - f1[1]) / 2 ** 0.5)  # sample SD of two values
     assert entry["normalized_em"]["sd"] == 0.0 and "swapped" not in metrics["seeds"]["two_stage"]  # one seed only
-    metrics["settings"] = {"evaluated": ["base", "two_stage@0", "two_stage@1"], "conditions": ["true", "swapped"]}
-    (out / "metrics.json").write_text(json.dumps(json_ready(metrics)))
     build_report(run)
     md = (run / "report" / "report.md").read_text()
     assert "## Across seeds" in md
@@ -167,10 +179,10 @@ def test_human_export_resolves_phantom_images(tmp_path):
 
     run = make_run(tmp_path / "r")
     test = heldout_records(load_config("tiny").stage2.data, limit=4)
-    path = cell_path(run / "eval", "base", "true")
-    df = pd.read_parquet(path)
+    frames = {(m, c): _cell_frame(m, c) for m, c in PREDS}
+    df = frames["base", "true"]
     df.loc[df.question_id == "q2", "image_id_shown"] = test[0]["image_id"]
-    _write_cell(df, path)
+    write_metrics(run / "eval", frames)
     csv = tmp_path / "h" / "h.csv"
     out = export_human_eval(run, csv, resolve_images=True)
     row = out[(out.model == "base") & (out.condition == "true") & (out.question_id == "q2")].iloc[0]
