@@ -24,6 +24,7 @@ import re
 import warnings
 from collections import Counter
 from functools import lru_cache
+from itertools import combinations
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -631,8 +632,6 @@ def matrix_metrics(predictions: Mapping[tuple[str, str], pd.DataFrame], n_boot: 
     ``{"cells": {model: {condition: aggregate + abstention_rate}}, "image_reliance": {model: ...} (models with
     true and swapped), "medhalt_abstention": {model: ...}, "paired_true": {"<b>_vs_<a>": paired_tests} (every pair
     of models on true, paired by question_id), "seeds": seed_summary}``."""
-    from itertools import combinations
-
     scored = {key: score_rows(df) for key, df in predictions.items()}
     res: dict[str, Any] = {"cells": {}, "image_reliance": {}, "medhalt_abstention": {}, "paired_true": {}}
     for (m, c), df in scored.items():
