@@ -45,12 +45,12 @@ def train_adapter(cfg, run_dir: Path, steps: int = 4) -> Path:
     """A LoRA trained for a few steps on 8 phantom training questions, saved as run_dir/adapters/stage2."""
     import torch
 
-    from medvqa.config import dump_yaml
     from medvqa.data.phantoms import phantom_records
     from medvqa.data.pipeline import collate_fn_for, decode_image, encode_example
     from medvqa.model import load_model, load_processor, save_adapter
+    from medvqa.runs import RunDir
 
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    RunDir(run_dir).write_config(cfg)
     processor = load_processor(cfg.model)
     torch.manual_seed(0)
     model = load_model(cfg)
@@ -63,7 +63,7 @@ def train_adapter(cfg, run_dir: Path, steps: int = 4) -> Path:
         opt.zero_grad()
         model(**batch).loss.backward()
         opt.step()
-    return save_adapter(model, run_dir / "adapters" / "stage2")
+    return save_adapter(model, RunDir(run_dir).adapters("stage2"))
 
 
 def sequential(cfg, models: dict, cells: dict, max_new_tokens: int) -> tuple[int, float, float, dict]:
@@ -126,19 +126,24 @@ def in_process(cfg, adapters: dict, rows: list, max_new_tokens: int, batch_size:
 
 
 def ray_matrix(cfg, models: dict, test: list, out: Path, args, feature_cache_mb: float) -> dict:
-    """``run_matrix`` wall time and its steady-state rate from the streamed batches' arrival times."""
+    """``run_matrix`` wall time, its steady-state rate from the streamed batches' arrival times, and its cells."""
+    import dataclasses
+
     from medvqa.evaluate import run_matrix
 
+    settings = dict(conditions=list(CONDITIONS), seed=0, max_new_tokens=args.max_new_tokens, n_boot=50,
+                    concurrency=args.concurrency, cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
+                    feature_cache_mb=feature_cache_mb)
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **settings))
     arrivals = []  # (seconds since start, rows)
     t0 = time.perf_counter()
-    run_matrix(cfg, models, test, out, conditions=CONDITIONS, seed=0, max_new_tokens=args.max_new_tokens,
-               concurrency=args.concurrency, cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
-               n_boot=50, feature_cache_mb=feature_cache_mb,
-               progress=lambda model, n: arrivals.append((time.perf_counter() - t0, n)))
+    res = run_matrix(cfg, models, test, out, progress=lambda model, n: arrivals.append((time.perf_counter() - t0, n)))
     wall = time.perf_counter() - t0
     first, last = arrivals[0][0], arrivals[-1][0]
     steady_rows = sum(n for _, n in arrivals) - arrivals[0][1]
-    return {"wall_s": wall, "first_s": first, "steady": steady_rows / max(last - first, 1e-9), "batches": len(arrivals)}
+    cells = {(m, c): out / rel for m, cs in res["metrics"]["settings"]["cells"].items() for c, rel in cs.items()}
+    return {"wall_s": wall, "first_s": first, "steady": steady_rows / max(last - first, 1e-9), "batches": len(arrivals),
+            "cells": cells}
 
 
 def main() -> None:
@@ -157,8 +162,9 @@ def main() -> None:
 
     import pandas as pd
 
+    from medvqa.conditions import build_cells
     from medvqa.config import load_config
-    from medvqa.evaluate import build_cells, cell_path, group_by_image, heldout_records
+    from medvqa.evaluate import group_by_image, heldout_records
     from medvqa.model import resolve_model_path
 
     work = Path(tempfile.mkdtemp(prefix="bench_eval_"))
@@ -192,7 +198,7 @@ def main() -> None:
             r["same"] = r["total"] = 0
             for m in matrix_models:
                 for c in CONDITIONS:
-                    df = pd.read_parquet(cell_path(out, m, c))
+                    df = pd.read_parquet(r["cells"][m, c])
                     for q, raw in zip(df["question_id"], df["raw_prediction"]):
                         r["total"] += 1
                         r["same"] += seq_answers[m, c, q] == raw

@@ -1,9 +1,9 @@
 """Evaluation matrix of a trained run: base / single-stage / two-stage x true / swapped / expert / Med-HALT (/ ood),
-one Ray Data batch-inference job per model, written to RUN_DIR/eval/ (predictions/<model>/<condition>.parquet and
-metrics.json). Re-running skips the cells already predicted. Options: `medvqa eval --help`.
+one Ray Data batch-inference job, written to RUN_DIR/eval/ (predictions and metrics.json). Settings: eval.* overrides
+(`medvqa config --docs`). Re-running skips what was predicted with the same settings. Same as `medvqa eval`.
 
     python jobs/eval_matrix.py RUN_DIR                                   # local Ray
-    python jobs/eval_matrix.py RUN_DIR --single-stage OTHER_RUN_DIR --medhalt ../shared/data/medhalt/reasoning_fake.csv
+    python jobs/eval_matrix.py RUN_DIR --single-stage OTHER_RUN_DIR eval.medhalt_path=../shared/data/medhalt/reasoning_fake.csv
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python jobs/eval_matrix.py RUN_DIR
 """
 

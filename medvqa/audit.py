@@ -42,13 +42,13 @@ stratified by a meta key such as ``organ``); its audit reports 0 image overlap b
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from itertools import combinations
 from typing import Any
 
+from medvqa.data.records import parse_meta
 from medvqa.metrics import normalize_answer
 
 __all__ = ["image_overlap", "near_duplicate_questions", "audit_splits", "image_disjoint_split", "format_audit",
@@ -156,16 +156,6 @@ def _slot_keys(tokens: tuple[str, ...]) -> list[tuple]:
 # The dataset's own linkage
 # ----------------------------------------------------------------------------------------------------------------
 
-def _meta_dict(row: dict) -> dict:
-    meta = row.get("meta")
-    if isinstance(meta, str):
-        try:
-            meta = json.loads(meta) if meta.strip() else {}
-        except ValueError:
-            meta = {}
-    return meta if isinstance(meta, dict) else {}
-
-
 def _image_keys(row: dict) -> list[str]:
     """A record's image by content hash and by file name: a derived split that re-encoded the images still joins
     its original by name, one that renamed them by hash."""
@@ -179,7 +169,7 @@ def _link(row: dict) -> tuple[str, list] | None:
     and answer format; 2 of its 569 strict pairs differ in answer). Loosely linked pairs (subsumption, inversion,
     conversion, not similar, unlabelled) share a topic, not an answer (111 of 195 pairs differ), so such a record
     is a group of its own, with its question and its frame, which keeps the answer by construction."""
-    meta = _meta_dict(row)
+    meta = parse_meta(row.get("meta"))
     group = meta.get(LINK_GROUP)
     if not group:
         return None
@@ -400,7 +390,7 @@ def audit_splits(rows_a: Sequence[dict], rows_b: Sequence[dict], name_a: str = "
 def _meta_value(row: dict, key: str) -> Any:
     if key in row and key != "meta":
         return row[key]
-    return _meta_dict(row).get(key)
+    return parse_meta(row.get("meta")).get(key)
 
 
 def _group_key(row: dict) -> str:

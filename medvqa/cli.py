@@ -37,10 +37,16 @@ def _load(preset: str, overrides: Optional[List[str]]):
         raise typer.Exit(2)
 
 
+def _echo_eval(out: dict) -> None:
+    typer.echo(json.dumps({"metrics": out["metrics_path"], "predicted": out["predicted"], "skipped": out["skipped"],
+                           "rows_reused": out["rows_reused"]}))
+
+
 @app.command()
 def train(overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. stage2.lr=1e-4"),
           preset: str = typer.Option("tiny", help="Preset name (see `medvqa presets`) or a YAML path.")) -> None:
-    """Run the two-stage fine-tuning job (same as `python jobs/two_stage.py`)."""
+    """Run the two-stage fine-tuning job (same as `python jobs/two_stage.py`); with run.evaluate=true, then the
+    evaluation matrix (eval.* settings)."""
     cfg = _load(preset, overrides)
     setup_logging()
     from medvqa.data.pipeline import TooManyRejects
@@ -52,44 +58,37 @@ def train(overrides: Optional[List[str]] = typer.Argument(None, help="Dotted ove
         typer.echo(f"data error: {e}", err=True)
         raise typer.Exit(3)
     typer.echo(f"run dir: {run_dir}")
+    if cfg.run.evaluate:
+        from medvqa.evaluate import evaluate_run
+
+        _echo_eval(evaluate_run(run_dir))
 
 
 @app.command("eval")
-def eval_matrix(run_dir: str = typer.Argument(..., help="Two-stage run directory (config.yaml, adapters/)."),
-                overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides of the run's "
-                                                                "config (resources.*; model.* must stay as trained)"),
+def eval_matrix(run_dir: str = typer.Argument(..., help="Run directory (config.yaml, adapters/)."),
+                overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides of the run's config: "
+                                                                "eval.* (see `medvqa config --docs`), resources.*; "
+                                                                "model.* must stay as trained."),
                 single_stage: Optional[str] = typer.Option(None, help="Run directory of the single-stage baseline."),
-                seed_runs: Optional[str] = typer.Option(None, help="Comma-separated run directories of RUN_DIR's "
-                                                        "model trained with other seeds: evaluated as <model>@<seed> "
-                                                        "and summarised across seeds."),
-                base_only: bool = typer.Option(False, help="Evaluate only the base model."),
-                conditions: str = typer.Option("true,swapped,expert,medhalt", help="Comma-separated conditions."),
-                medhalt: Optional[str] = typer.Option(None, help="Med-HALT reasoning_fake.csv (else medhalt is "
-                                                      "skipped)."),
-                medhalt_limit: int = typer.Option(100, help="Med-HALT questions (seeded subset)."),
-                ood: bool = typer.Option(False, help="Add the out-of-distribution condition (phantom runs: "
-                                         "phantoms of another seed)."),
-                ood_path: Optional[str] = typer.Option(None, help="PathVQA test source for the ood condition."),
-                test_limit: Optional[int] = typer.Option(None, help="Seeded subset of the test split."),
-                max_new_tokens: int = typer.Option(16, help="Greedy decoding budget, the same for every model."),
-                concurrency: int = typer.Option(2, help="Predictor actors."),
-                cpus_per_actor: float = typer.Option(0.5, help="CPUs per actor (fractional on small machines)."),
-                feature_cache_mb: float = typer.Option(512.0, help="Per-actor cache of image features (vision "
-                                                       "encoder + connector), MB; each image is encoded once. 0: off.")
-                ) -> None:
-    """Evaluation matrix of a run: models x conditions in one Ray Data batch-inference job per model, written to
-    RUN_DIR/eval/ (resumable: finished questions are kept, a killed job loses only in-flight batches)."""
+                seed_runs: Optional[List[str]] = typer.Option(None, help="Run directory of RUN_DIR's model trained "
+                                                              "with another seed (repeatable): every run is "
+                                                              "evaluated as <model>@<seed> and summarised across "
+                                                              "seeds."),
+                base_only: bool = typer.Option(False, help="Evaluate only the base model.")) -> None:
+    """Evaluation matrix of a run: models x conditions in one Ray Data batch-inference job, written to RUN_DIR/eval/
+    (resumable: finished questions are kept; a change of model, adapter, prompt, decoding or questions predicts
+    anew). Settings: the eval.* section, e.g. `medvqa eval RUN_DIR eval.max_new_tokens=8 eval.test_limit=50`."""
     setup_logging()
+    from medvqa.config import ConfigError
     from medvqa.evaluate import evaluate_run
 
-    out = evaluate_run(run_dir, single_stage=single_stage, base_only=base_only, overrides=overrides or [],
-                       conditions=[c for c in conditions.split(",") if c], test_limit=test_limit,
-                       medhalt_path=medhalt, medhalt_limit=medhalt_limit, ood=ood, ood_path=ood_path,
-                       max_new_tokens=max_new_tokens, concurrency=concurrency, cpus_per_actor=cpus_per_actor,
-                       feature_cache_mb=feature_cache_mb,
-                       seed_runs=[d for d in (seed_runs or "").split(",") if d])
-    typer.echo(json.dumps({"metrics": out["metrics_path"], "predicted": out["predicted"], "skipped": out["skipped"],
-                           "rows_reused": out["rows_reused"]}))
+    try:
+        out = evaluate_run(run_dir, overrides or [], single_stage=single_stage, base_only=base_only,
+                           seed_runs=seed_runs or [])
+    except (ConfigError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    _echo_eval(out)
 
 
 @app.command()
@@ -179,18 +178,11 @@ def data_audit(kind: str = typer.Option("vqa_rad", help="Source adapter (data.ki
     from medvqa.audit import audit_splits, format_audit, image_disjoint_split
     from medvqa.config import DataConfig
     from medvqa.data.adapters import iter_raw_records
-    from medvqa.data.records import validate_record
+    from medvqa.data.records import valid_records
 
     def load(split: str, kind: str = kind, path: str = path) -> tuple[list, int]:
-        rows, rejected = [], 0
-        for raw in iter_raw_records(DataConfig(kind=kind, path=path, split=split)):
-            rec = validate_record(raw)
-            rec["image"] = b""  # the hash (image_id) is all the audit needs
-            if rec["reject_reason"]:
-                rejected += 1
-            else:
-                rows.append(rec)
-        return rows, rejected
+        # the image hash (image_id) is all the audit needs
+        return valid_records(iter_raw_records(DataConfig(kind=kind, path=path, split=split)), keep_images=False)
 
     try:
         (rows_a, rej_a), (rows_b, rej_b) = load(a), load(b)

@@ -25,6 +25,14 @@ LORA_TARGET_REGEX = (
 )
 
 
+# The phantom generator's anatomies (data/phantoms.py MODALITIES x ORGANS; a test keeps the two in step): spelled out
+# here so that checking a config needs no import of the generator.
+PhantomAnatomy = Literal["", "ct/head", "ct/chest", "ct/abdomen", "x-ray/head", "x-ray/chest", "x-ray/abdomen",
+                         "mri/head", "mri/chest", "mri/abdomen"]
+#: the evaluation conditions (medvqa/conditions.py builds their question rows)
+Condition = Literal["true", "swapped", "expert", "medhalt", "ood"]
+
+
 class ConfigError(ValueError):
     """A preset or override that does not fit the schema; the message names the offending key."""
 
@@ -77,8 +85,9 @@ class DataConfig:
     task: Literal["caption", "vqa"] = doc("vqa", "Which phantom records to generate (caption or question-answer).")
     limit: Optional[int] = doc(None, "Use only the first N records after a seeded shuffle (ROCO subset size).")
     num_records: int = doc(256, "Phantom records to generate.")
-    phantom_anatomy: str = doc("", "Phantoms only: one 'modality/organ' (e.g. 'ct/chest') for every image, with "
-                                   "questions only about the lesion (presence, side, size); '' draws all nine.")
+    phantom_anatomy: PhantomAnatomy = doc("", "Phantoms only: one 'modality/organ' (e.g. 'ct/chest') for every "
+                                              "image, with questions only about the lesion (presence, side, size); "
+                                              "'' draws all nine.")
     seed: int = doc(0, "Seed for phantoms and subset sampling.")
     validation_fraction: float = doc(0.0, "Carve about this fraction of the split's images out as a validation set "
                                           "(image-disjoint: every question of an image falls on one side; seeded by "
@@ -132,7 +141,37 @@ class RunConfig:
     checkpoint_every_n_steps: int = doc(50, "Checkpoint adapter, optimizer, scheduler and data position.")
     max_failures: int = doc(2, "Ray Train restarts from the latest checkpoint after a worker failure.")
     max_reject_fraction: float = doc(0.05, "Stop with an error when more than this fraction of records is rejected.")
-    evaluate: bool = doc(False, "Run the evaluation matrix (base vs this run; `medvqa eval`) after training.")
+    evaluate: bool = doc(False, "Run the evaluation matrix (base vs this run; `medvqa eval`, settings in eval.*) "
+                                "after training.")
+
+
+@dataclass
+class EvalConfig:
+    conditions: list[Condition] = doc(factory=lambda: ["true", "swapped", "expert", "medhalt"], help=(
+        "Evaluation conditions: 'true' (the test split), 'swapped' (each question on another test image), 'expert' "
+        "(the expert-radiologist prompt), 'medhalt' (Med-HALT nonsense questions; needs eval.medhalt_path), 'ood' "
+        "(eval.ood_path, or phantoms of another seed for a phantom run). A list, or comma-separated: "
+        "eval.conditions=true,swapped."))
+    test_limit: Optional[int] = doc(None, "Evaluate a seeded subset of this many test questions (None: all).")
+    seed: Optional[int] = doc(None, "Seed of the swaps, the Med-HALT subset and image draws and the bootstrap; "
+                                    "None: run.seed.")
+    medhalt_path: str = doc("", "Med-HALT reasoning_fake.csv for the medhalt condition ('': medhalt is skipped).")
+    medhalt_limit: Optional[int] = doc(100, "Med-HALT questions (a seeded subset; None: all 1,858).")
+    ood_path: str = doc("", "PathVQA test source (HF id, parquet or save_to_disk folder) for the ood condition; '': "
+                            "phantoms of another seed for a phantom run, else ood is skipped.")
+    max_new_tokens: int = doc(16, "Greedy decoding budget, the same for every model (VQA answers are a few words). "
+                                  "Part of the predictions' resume key: a change predicts every cell anew.")
+    batch_size: int = doc(8, "Questions per generate call (answers do not depend on it: left-padded greedy decoding).")
+    concurrency: int = doc(2, "Predictor actors; each loads the base model once with every model's adapters.")
+    cpus_per_actor: float = doc(0.5, "CPUs per predictor actor. Fractional on small machines: whole-CPU actors "
+                                     "starve Ray Data's read tasks on 2 cores and the job hangs.")
+    gpus_per_actor: Optional[float] = doc(None, "GPUs per predictor actor; None: 1 with resources.use_gpu, else 0. "
+                                                "Fractional (e.g. 0.25) packs several actors on one large GPU "
+                                                "(each holds its own copy of the model).")
+    feature_cache_mb: float = doc(512.0, "Per-actor cache of image features (vision encoder + connector), MB: each "
+                                         "image is encoded once for all its questions; 0 turns it off (answers are "
+                                         "identical either way). 512 holds ~1,000 Idefics2-8B images.")
+    n_boot: int = doc(1000, "Bootstrap resamples for every confidence interval and paired test.")
 
 
 @dataclass
@@ -146,6 +185,8 @@ class Config:
     stage2: StageConfig = doc(factory=lambda: StageConfig(task="vqa", epochs=2, lr=1e-4),
                               help="Stage 2: medical VQA (VQA-RAD).")
     resources: ResourcesConfig = doc(factory=ResourcesConfig, help="Ray resources.")
+    eval: EvalConfig = doc(factory=EvalConfig, help="The evaluation matrix (`medvqa eval`, run.evaluate); not part "
+                                                     "of the run id.")
 
     def stages(self) -> list[tuple[str, StageConfig]]:
         """Enabled stages in training order."""
@@ -164,8 +205,17 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _check_value(key, inner, value)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            items = [value]  # a single YAML scalar, e.g. eval.conditions=true
+        return [_check_value(f"{key}[{i}]", inner, v.strip() if isinstance(v, str) else v)
+                for i, v in enumerate(items)]
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and str(value).lower() in choices:
+            value = str(value).lower()  # YAML reads `true` as a boolean; the condition is named 'true'
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
         return value
@@ -269,13 +319,6 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{name}.data.validation_fraction: validation scores answers, so it needs task=vqa")
         if stage.validate_every_n_steps is not None and stage.validate_every_n_steps < 1:
             raise ConfigError(f"{name}.validate_every_n_steps: must be >= 1 (or null for every epoch)")
-        if stage.data.phantom_anatomy:
-            from medvqa.data.phantoms import parse_anatomy  # numpy only
-
-            try:
-                parse_anatomy(stage.data.phantom_anatomy)
-            except ValueError as e:
-                raise ConfigError(f"{name}.data.phantom_anatomy: {e}") from None
         if stage.data.kind != "phantom" and not stage.data.path:
             raise ConfigError(f"{name}.data.path: required for data.kind={stage.data.kind!r}")
     if cfg.lora.r < 1:
@@ -288,7 +331,30 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("resources.num_workers: must be >= 1")
     if cfg.resources.cpus_per_worker <= 0 or cfg.resources.data_cpus_per_task <= 0:
         raise ConfigError("resources.cpus_per_worker and data_cpus_per_task: must be > 0")
+    validate_eval(cfg)
     return cfg
+
+
+def validate_eval(cfg: Config) -> None:
+    e = cfg.eval
+    for key in ("max_new_tokens", "batch_size", "concurrency", "n_boot", "test_limit", "medhalt_limit"):
+        if getattr(e, key) is not None and getattr(e, key) < 1:
+            raise ConfigError(f"eval.{key}: must be >= 1")
+    if len(set(e.conditions)) != len(e.conditions):
+        raise ConfigError(f"eval.conditions: {e.conditions} names a condition twice")
+    if e.cpus_per_actor <= 0:
+        raise ConfigError("eval.cpus_per_actor: must be > 0")
+    if e.feature_cache_mb < 0:
+        raise ConfigError("eval.feature_cache_mb: must be >= 0")
+    if e.gpus_per_actor is not None and (e.gpus_per_actor < 0 or (e.gpus_per_actor > 0 and not cfg.resources.use_gpu)):
+        raise ConfigError("eval.gpus_per_actor: must be >= 0, and > 0 only with resources.use_gpu=true")
+
+
+def actor_gpus(cfg: Config) -> float:
+    """GPUs each predictor actor takes: ``eval.gpus_per_actor``, else 1 with ``resources.use_gpu``, else 0."""
+    if cfg.eval.gpus_per_actor is not None:
+        return cfg.eval.gpus_per_actor
+    return 1.0 if cfg.resources.use_gpu else 0.0
 
 
 def _load_preset(preset: str, seen: tuple = ()) -> Config:
@@ -317,9 +383,11 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(data: dict) -> Config:
-    """Rebuild a Config from ``to_dict`` output (e.g. a run's resolved config.yaml)."""
-    return validate(_merge(Config(), data))
+def from_dict(data: dict, overrides: list[str] | tuple = ()) -> Config:
+    """Rebuild a Config from ``to_dict`` output (e.g. a run's resolved config.yaml), with dotted ``key=value``
+    ``overrides`` merged on top."""
+    cfg = _merge(Config(), data)
+    return validate(_merge(cfg, parse_overrides(list(overrides))) if overrides else cfg)
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from medvqa.config import Config, from_dict, to_dict
+from medvqa.config import Config, actor_gpus, from_dict, to_dict
 from medvqa.data.pipeline import collate_fn_for, decode_image, encode_example
 from medvqa.metrics import extract_answer
 
@@ -198,19 +198,13 @@ def _config(cfg: Config | Mapping) -> Config:
 
 
 class Predictor:
-    """Ray Data callable class: loads the model once per actor, answers each batch.
+    """Ray Data callable class: loads the model once per actor and answers each batch greedily.
 
-    ``cfg_dict``: a ``Config`` as ``config.to_dict`` (or a Config). ``adapters``: name -> folder, or folders, in load
-    order (``model.run_adapters``); empty for the base model. ``instruction``: defaults to ``cfg.stage2.prompt``.
-    The model goes to this actor's GPU when ``cfg.resources.use_gpu`` and one is visible (request it with
-    ``num_gpus=1`` in ``map_batches``), else CPU. ``feature_cache_mb``: budget of the actor's image-feature LRU
-    (``FeatureCache``, on the model's device; 0 turns caching off: every row's pixels are encoded).
-
-    ``models`` (instead of ``adapters``): model name -> its adapters (name -> folder; {} for the base model). One
-    actor then serves every model of a matrix: the base is loaded once with every model's adapters (renamed
-    ``m<i>_<adapter>``), and each row's ``model`` column selects them (``set_adapter`` with that model's adapters
-    active together, as ``load_inference_model`` does; the base model runs with the adapter layers disabled, which
-    computes exactly the base layers). Same weights, precision and decoding for every model, one start-up.
+    ``adapters``: one model's adapters (name -> folder, or folders in load order; empty: the base model). ``models``
+    instead: model name -> its adapters, so one actor serves a whole matrix: every model's adapters sit on one base
+    and each row's ``model`` column selects them (the base model runs with adapters disabled). The model goes to this
+    actor's GPU when ``cfg.resources.use_gpu`` and one is visible. ``feature_cache_mb``: the actor's image-feature
+    cache (``FeatureCache``; 0: off).
     """
 
     def __init__(self, cfg_dict: Config | Mapping, adapters: Mapping[str, str] | Sequence[str] = (),
@@ -296,7 +290,7 @@ def predict_dataset(ds, cfg: Config | Mapping, adapters: Mapping[str, str] | Seq
 
     cfg = _config(cfg)
     if num_gpus is None:
-        num_gpus = 1 if cfg.resources.use_gpu else 0
+        num_gpus = actor_gpus(cfg)
     kwargs = {"cfg_dict": to_dict(cfg), "adapters": dict(adapters) if isinstance(adapters, Mapping) else
               list(adapters), "instruction": instruction, "max_new_tokens": max_new_tokens,
               "feature_cache_mb": feature_cache_mb,

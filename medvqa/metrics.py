@@ -11,8 +11,10 @@ Three families, always reported side by side (GUIDE §3):
    closed accuracy that does not credit substrings.
 
 Row scoring (``score_rows``), aggregation with percentile-bootstrap CIs (``aggregate``), paired tests between two
-models (``paired_bootstrap``, ``mcnemar``), Med-HALT abstention (``abstention_rate``) and answer extraction from raw
-generations (``extract_answer``) sit on top.  File loading and reports live in ``medvqa.score``.
+models (``paired_bootstrap``, ``mcnemar``, ``paired_tests``), Med-HALT abstention (``abstention_rate``) and answer
+extraction from raw generations (``extract_answer``) sit on top, and the statistics of an evaluation matrix
+(``matrix_metrics``: image reliance, paired tests between models, spread across seeds). File loading and reports live
+in ``medvqa.score``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import re
 import warnings
 from collections import Counter
 from functools import lru_cache
+from itertools import combinations
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -32,8 +35,10 @@ __all__ = [
     "normalize_answer", "normalized_exact_match", "normalized_f1",
     "is_closed", "closed_correct", "closed_correct_strict", "open_recall", "open_recall_llava",
     "extract_answer", "is_abstention", "abstention_rate",
-    "bootstrap_ci", "paired_bootstrap", "mcnemar",
+    "bootstrap_ci", "paired_bootstrap", "mcnemar", "paired_tests",
     "METRICS", "BINARY_METRICS", "CLOSED_METRICS", "OPEN_METRICS", "score_rows", "aggregate",
+    "RELIANCE_METRICS", "SEED_SEP", "image_reliance", "seed_summary", "matrix_metrics", "json_ready",
+    "VALIDATION_METRICS", "VALIDATION_MAX_NEW_TOKENS",
 ]
 
 
@@ -531,4 +536,126 @@ def aggregate(scored: pd.DataFrame, n_boot: int = 1000, seed: int = 0, alpha: fl
             groups[str(key)] = _summary(scored[keys == key], metrics, n_boot, seed, alpha)
         breakdown[col] = groups
     res["breakdown"] = breakdown
+    return res
+
+
+def json_ready(obj: Any) -> Any:
+    """JSON-ready: numpy scalars -> Python, NaN/inf -> None."""
+    if isinstance(obj, dict):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+#: what a training run's validation rounds report (as ``val_<metric>``) and decode: VQA answers are a few words
+VALIDATION_METRICS = ("normalized_em", "normalized_f1", "paper_contains_em", "paper_f1", "closed_accuracy",
+                      "open_recall")
+VALIDATION_MAX_NEW_TOKENS = 16
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paired tests and the statistics of an evaluation matrix
+# ----------------------------------------------------------------------------------------------------------------
+
+#: per-question metrics whose true → swapped drop is the image-reliance score
+RELIANCE_METRICS = ("normalized_em", "normalized_f1", "closed_accuracy", "open_recall", "paper_contains_em")
+#: ``<model>@<seed>`` names one seed's run of a model; several seeds of a model are summarised across seeds
+SEED_SEP = "@"
+
+
+def paired_tests(a: pd.DataFrame, b: pd.DataFrame, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
+                 metrics: Sequence[str] = METRICS) -> dict:
+    """Model b vs model a on the same questions, row i of ``a`` paired with row i of ``b`` (``score_rows``
+    output): ``{metric: paired_bootstrap(a, b) (diff = mean(b - a)), plus "mcnemar" for right/wrong metrics}``.
+    Closed/open metrics are tested on the rows where both define them."""
+    out = {}
+    for m in metrics:
+        va, vb = a[m].to_numpy(dtype=float), b[m].to_numpy(dtype=float)
+        out[m] = paired_bootstrap(va, vb, n_boot=n_boot, seed=seed, alpha=alpha)
+        if m in BINARY_METRICS:
+            out[m]["mcnemar"] = mcnemar(va, vb)
+    return out
+
+
+def _by_question(df: pd.DataFrame, order: pd.Index | None = None) -> pd.DataFrame:
+    df = df.set_index("question_id")
+    return df if order is None else df.reindex(order)
+
+
+def image_reliance(true_scored: pd.DataFrame, swapped_scored: pd.DataFrame, n_boot: int = 1000,
+                   seed: int = 0) -> dict:
+    """Per-question drop true → swapped (score with the true image minus score with another image), paired by
+    ``question_id``, per ``RELIANCE_METRICS``: mean drop with a paired-bootstrap CI and p-value. Positive: the model
+    uses the image."""
+    t = _by_question(true_scored)
+    s = _by_question(swapped_scored, t.index)
+    out = {}
+    for m in RELIANCE_METRICS:
+        if m in t.columns and m in s.columns:
+            res = paired_bootstrap(s[m].to_numpy(float), t[m].to_numpy(float), n_boot=n_boot, seed=seed)
+            out[m] = {"drop": res["diff"], "ci": res["ci"], "p_value": res["p_value"], "n": res["n"],
+                      "true": res["mean_b"], "swapped": res["mean_a"]}
+    return out
+
+
+def seed_summary(cells: Mapping[str, Mapping[str, Mapping]], metrics: Sequence[str] = METRICS) -> dict:
+    """Seeds as a dimension: models named ``<family>@<seed>`` (several runs of one model) -> ``{family: {condition:
+    {"n_seeds", "seeds", metric: {"per_seed": {seed: value}, "mean", "sd" (sample SD, ddof 1), "min", "max"}}}}`` for
+    every condition at least two seeds have. ``cells``: model -> condition -> ``aggregate`` output. The bootstrap
+    CIs of a cell measure question sampling; the spread across seeds measures training noise."""
+    families: dict[str, dict[str, str]] = {}
+    for name in cells:
+        if SEED_SEP in name:
+            family, label = name.split(SEED_SEP, 1)
+            families.setdefault(family, {})[label] = name
+    out: dict[str, dict] = {}
+    for family, members in families.items():
+        conditions = sorted({c for name in members.values() for c in cells[name]})
+        for c in conditions:
+            have = {label: cells[name][c] for label, name in sorted(members.items()) if c in cells[name]}
+            if len(have) < 2:
+                continue
+            entry: dict[str, Any] = {"n_seeds": len(have), "seeds": list(have)}
+            for m in metrics:
+                vals = {label: a.get(m) for label, a in have.items()}
+                finite = np.array([v for v in vals.values() if v is not None and np.isfinite(v)], dtype=float)
+                entry[m] = {"per_seed": vals,
+                            "mean": float(finite.mean()) if len(finite) else None,
+                            "sd": float(finite.std(ddof=1)) if len(finite) > 1 else None,
+                            "min": float(finite.min()) if len(finite) else None,
+                            "max": float(finite.max()) if len(finite) else None}
+            out.setdefault(family, {})[c] = entry
+    return out
+
+
+def matrix_metrics(predictions: Mapping[tuple[str, str], pd.DataFrame], n_boot: int = 1000, seed: int = 0) -> dict:
+    """The statistics of an evaluation matrix. ``predictions``: (model, condition) -> prediction rows (question_id,
+    true_answer, predicted_answer, answer_type, ...; condition 'swapped' with swap_match), model-major. Returns
+    ``{"cells": {model: {condition: aggregate + abstention_rate}}, "image_reliance": {model: ...} (models with
+    true and swapped), "medhalt_abstention": {model: ...}, "paired_true": {"<b>_vs_<a>": paired_tests} (every pair
+    of models on true, paired by question_id), "seeds": seed_summary}``."""
+    scored = {key: score_rows(df) for key, df in predictions.items()}
+    res: dict[str, Any] = {"cells": {}, "image_reliance": {}, "medhalt_abstention": {}, "paired_true": {}}
+    for (m, c), df in scored.items():
+        cell = aggregate(df, n_boot=n_boot, seed=seed)
+        cell["abstention_rate"] = abstention_rate(df["predicted_answer"], n_boot=n_boot, seed=seed)
+        res["cells"].setdefault(m, {})[c] = cell
+        if c == "medhalt":
+            res["medhalt_abstention"][m] = cell["abstention_rate"]
+        if c == "swapped":
+            cell["swap_match"] = {str(k): int(v) for k, v in df["swap_match"].value_counts().items()}
+    models = list(dict.fromkeys(m for m, _ in scored))
+    for m in models:
+        if (m, "true") in scored and (m, "swapped") in scored:
+            res["image_reliance"][m] = image_reliance(scored[m, "true"], scored[m, "swapped"], n_boot, seed)
+    with_true = [m for m in models if (m, "true") in scored]
+    for a, b in combinations(with_true, 2):
+        ta = _by_question(scored[a, "true"])
+        res["paired_true"][f"{b}_vs_{a}"] = paired_tests(ta, _by_question(scored[b, "true"], ta.index), n_boot, seed)
+    res["seeds"] = seed_summary(res["cells"])
     return res

@@ -1,13 +1,12 @@
 """Chat messages for each task, shared by training and inference so both see the same prompt.
 
 Layout follows the Idefics2 fine-tuning recipe the study started from: the instruction, then the image, then the
-question, as one user turn; the assistant turn holds only the answer (or caption).
+question, as one user turn; the assistant turn holds only the answer (or caption). The stage instructions are config
+(``stage1.prompt``, ``stage2.prompt``); the expert one is the evaluation's ``expert`` condition.
 """
 
 from __future__ import annotations
 
-VQA_INSTRUCTION = "Answer briefly."
-CAPTION_INSTRUCTION = "Describe this radiology image."
 EXPERT_INSTRUCTION = (
     "You are an expert radiologist evaluating the case, answer the question succinctly based on the medical image."
 )

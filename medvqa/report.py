@@ -18,7 +18,6 @@ No Ray, no torch: pandas, pyarrow and matplotlib (Agg) only.
 from __future__ import annotations
 
 import html
-import json
 import logging
 import os
 import re
@@ -29,6 +28,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from medvqa.config import dump_yaml, to_dict
+from medvqa.runs import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,6 @@ PLOT_METRICS = ("paper_contains_em", "normalized_f1", "closed_accuracy", "open_r
 HUMAN_SCORES = (0, 1, 2, 3, 4, 5)
 HUMAN_COLUMNS = ("model", "condition", "question_id", "question", "true_answer", "predicted_answer",
                  "image_id_shown", "image_path", "clinician_score")
-HUMAN_FILE = "human_eval.csv"
 #: conditions left out of the human export by default (Med-HALT: the right answer is to decline)
 HUMAN_SKIP_CONDITIONS = ("medhalt",)
 
@@ -86,21 +87,11 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def load_metrics(run_dir: str | os.PathLike) -> dict:
-    path = Path(run_dir) / "eval" / "metrics.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no evaluation metrics (run `medvqa eval {run_dir}` first)")
-    return json.loads(path.read_text())
+    rd = RunDir(Path(run_dir))
+    if not rd.eval_metrics.exists():
+        raise FileNotFoundError(f"{rd.eval_metrics}: no evaluation metrics (run `medvqa eval {run_dir}` first)")
+    return rd.read_json(rd.eval_metrics)
 
 
 def _cells(metrics: Mapping) -> list[tuple[str, str, dict]]:
@@ -159,12 +150,11 @@ def abstention_rows(metrics: Mapping) -> list[list[str]]:
 
 def paired_rows(metrics: Mapping) -> list[list[str]]:
     rows = []
-    for name, t in (metrics.get("paired_true") or {}).items():
-        mc = t.get("mcnemar") or {}
-        for k, b in (t.get("bootstrap") or {}).items():
+    for name, tests in (metrics.get("paired_true") or {}).items():
+        for k, b in tests.items():
+            mc = b.get("mcnemar")
             rows.append([name, k, fmt(b.get("mean_a")), fmt(b.get("mean_b")), _signed_ci(b.get("diff"), b.get("ci")),
-                         fmt(b.get("p_value")), fmt((mc.get(k) or {}).get("p_value")) if k in mc else "—",
-                         str(b.get("n", ""))])
+                         fmt(b.get("p_value")), fmt(mc.get("p_value")) if mc else "—", str(b.get("n", ""))])
     return rows
 
 
@@ -186,12 +176,11 @@ def seed_rows(metrics: Mapping, keys: Sequence[str] = TABLE_METRICS) -> list[lis
     return rows
 
 
-def leakage_section(run_dir: str | os.PathLike, cfg: Mapping | None = None, audit: bool = True) -> dict:
+def leakage_section(run_dir: str | os.PathLike, audit: bool = True) -> dict:
     """{'kind', 'statement', 'audit' (audit_splits output or None)}: for VQA-RAD the train vs test audit of the
     official split; for phantoms what was used; for others the source and split. Never raises."""
-    run_dir = Path(run_dir)
-    cfg = cfg if cfg is not None else _read_yaml(run_dir / "config.yaml")
-    data = ((cfg.get("stage2") or {}).get("data") or {}) if cfg else {}
+    rd = RunDir(Path(run_dir))
+    data = to_dict(rd.read_config())["stage2"]["data"] if rd.config.exists() else {}
     kind = data.get("kind", "unknown")
     if kind in ("vqa_rad", "vqa_rad_hf"):
         if not audit:
@@ -201,16 +190,11 @@ def leakage_section(run_dir: str | os.PathLike, cfg: Mapping | None = None, audi
             from medvqa.audit import audit_splits
             from medvqa.config import DataConfig
             from medvqa.data.adapters import iter_raw_records
-            from medvqa.data.records import validate_record
+            from medvqa.data.records import valid_records
 
             def load(split: str) -> list[dict]:
-                rows = []
-                for raw in iter_raw_records(DataConfig(kind=kind, path=data.get("path", ""), split=split)):
-                    rec = validate_record(raw)
-                    rec["image"] = b""
-                    if not rec["reject_reason"]:
-                        rows.append(rec)
-                return rows
+                source = DataConfig(kind=kind, path=data.get("path", ""), split=split)
+                return valid_records(iter_raw_records(source), keep_images=False)[0]
 
             res = audit_splits(load("train"), load("test"))
             return {"kind": kind, "audit": res,
@@ -231,21 +215,22 @@ def leakage_section(run_dir: str | os.PathLike, cfg: Mapping | None = None, audi
 
 
 def provenance(run_dir: str | os.PathLike) -> dict:
-    run_dir = Path(run_dir)
-    env = _read_json(run_dir / "environment.json") or {}
+    rd = RunDir(Path(run_dir).resolve())
+    env = rd.read_json(rd.environment, default={})
     git = env.get("git") or {}
-    return {"run_id": run_dir.resolve().name, "run_dir": str(run_dir.resolve()),
+    return {"run_id": rd.name, "run_dir": str(rd),
             "git_commit": git.get("commit") or "unknown", "git_dirty": git.get("dirty"),
             "environment_time": env.get("time"), "packages": env.get("packages") or {},
             "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime()),
-            "config_path": "../config.yaml",
-            "config_text": (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else ""}
+            "config_path": os.path.relpath(rd.config, rd.report),
+            "config_text": dump_yaml(rd.read_config()) if rd.config.exists() else ""}
 
 
 # ------------------------------------------------------------------------------------------------ plots
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -259,7 +244,7 @@ def plot_metrics(metrics: Mapping, path: Path, keys: Sequence[str] = PLOT_METRIC
     cells = _cells(metrics)
     if not cells:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(keys) + 0.25 * len(cells) * len(keys)), 4.2))
     width = 0.8 / len(cells)
     x = np.arange(len(keys))
@@ -284,8 +269,8 @@ def plot_metrics(metrics: Mapping, path: Path, keys: Sequence[str] = PLOT_METRIC
 def plot_forest(metrics: Mapping, path: Path) -> Path | None:
     """Forest plot of the paired differences (B − A on the true condition) and the image-reliance drops."""
     items = []
-    for name, t in (metrics.get("paired_true") or {}).items():
-        for k, b in (t.get("bootstrap") or {}).items():
+    for name, tests in (metrics.get("paired_true") or {}).items():
+        for k, b in tests.items():
             if k in TABLE_METRICS and b.get("diff") is not None:
                 items.append((f"{name}: {k}", b["diff"], b.get("ci") or [None, None]))
     for model, per in (metrics.get("image_reliance") or {}).items():
@@ -294,7 +279,7 @@ def plot_forest(metrics: Mapping, path: Path) -> Path | None:
                 items.append((f"reliance {model}: {k}", r["drop"], r.get("ci") or [None, None]))
     if not items:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(items) + 1.2))
     y = np.arange(len(items))[::-1]
     d = np.array([v for _, v, _ in items], float)
@@ -353,7 +338,7 @@ def plot_training(stage: str, log_: Mapping[str, list[dict]], path: Path) -> Pat
     steps, val = log_["steps"], log_["validation"]
     if not steps and not val:
         return None
-    plt = _plt()
+    plt = pyplot()
     panels = (["loss", "lr"] if steps else []) + (["validation"] if val else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.3), squeeze=False)
     for ax, panel in zip(axes[0], panels):
@@ -415,8 +400,9 @@ def stage_cost(run_dir: str | os.PathLike, cfg: Mapping | None = None,
     the training loop including its waits for data (each epoch restarts the Ray Data pipeline) and checkpoint saves,
     without model loading and validation (those are in the wall time). Steady throughput is the median window.
     """
-    run_dir = Path(run_dir)
-    cfg = cfg if cfg is not None else _read_yaml(run_dir / "config.yaml")
+    rd = RunDir(Path(run_dir))
+    if cfg is None:
+        cfg = to_dict(rd.read_config()) if rd.config.exists() else {}
     logs = logs if logs is not None else training_log(run_dir)
     res = (cfg or {}).get("resources") or {}
     gpus = int(res.get("num_workers") or 1) if res.get("use_gpu") else 0  # fit_stage: {"GPU": 1} per worker
@@ -475,9 +461,9 @@ def _image_paths(run_dir: Path, image_ids: set[str], out_dir: Path) -> dict[str,
     """image_id -> a path for the clinician: the source file where the record names one, else the test image's
     bytes written to ``out_dir/human_images/`` (path relative to ``out_dir``). Best effort: {} on failure."""
     try:
-        from medvqa.evaluate import heldout_records, load_run_config
+        from medvqa.evaluate import heldout_records
 
-        records = heldout_records(load_run_config(run_dir).stage2.data)
+        records = heldout_records(RunDir(run_dir).read_config().stage2.data)
     except Exception as e:  # data gone / unreadable: leave the column empty
         log.warning("human export: test images not resolvable (%s: %s)", type(e).__name__, e)
         return {}
@@ -500,20 +486,17 @@ def _image_paths(run_dir: Path, image_ids: set[str], out_dir: Path) -> dict[str,
 
 def export_human_eval(run_dir: str | os.PathLike, out_csv: str | os.PathLike, resolve_images: bool = True,
                       skip_conditions: Sequence[str] = HUMAN_SKIP_CONDITIONS) -> pd.DataFrame:
-    """Write the cells a clinician should judge: every non-yes/no question (as the study) of every prediction parquet
-    under ``RUN_DIR/eval/predictions`` (Med-HALT left out), columns ``HUMAN_COLUMNS`` with an empty
+    """Write the cells a clinician should judge: every non-yes/no question (as the study) of every cell of the
+    latest evaluation (``RUN_DIR/eval/metrics.json``; Med-HALT left out), columns ``HUMAN_COLUMNS`` with an empty
     ``clinician_score``. Returns the frame written."""
     run_dir, out_csv = Path(run_dir), Path(out_csv)
-    pred_dir = run_dir / "eval" / "predictions"
-    files = sorted(pred_dir.glob("*/*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{pred_dir}: no prediction parquets (run `medvqa eval {run_dir}` first)")
+    rd = RunDir(run_dir)
+    cells = (load_metrics(run_dir).get("settings") or {}).get("cells") or {}
     frames = []
-    for f in files:
-        model, condition = f.parent.name, f.stem
+    for model, condition, rel in sorted((m, c, p) for m, cs in cells.items() for c, p in cs.items()):
         if condition in skip_conditions:
             continue
-        df = pd.read_parquet(f)
+        df = pd.read_parquet(rd.eval / rel)
         df = df[[not _is_yes_no(a) for a in df["true_answer"]]]
         frames.append(pd.DataFrame({
             "model": df.get("model", pd.Series([model] * len(df), index=df.index)).fillna(model).astype(str),
@@ -576,7 +559,7 @@ def merge_human_eval(run_dir: str | os.PathLike, filled_csv: str | os.PathLike) 
     judged = df[df["clinician_score"].notna()]
     if judged.empty:
         raise HumanEvalError(f"{filled_csv}: no clinician_score filled in")
-    dest = Path(run_dir) / "report" / HUMAN_FILE
+    dest = RunDir(Path(run_dir)).human_eval
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".csv.tmp")
     df.to_csv(tmp, index=False)
@@ -717,9 +700,9 @@ def cost_items(stages: Sequence[dict], cells: Sequence[dict]) -> list[tuple[str,
 
 def build_report(run_dir: str | os.PathLike, audit: bool = True) -> dict:
     """Write ``RUN_DIR/report/report.md``, ``report.html`` and ``plots/*.png``. Returns the paths written."""
-    run_dir = Path(run_dir)
+    rd = RunDir(Path(run_dir))
     metrics = load_metrics(run_dir)
-    out_dir = run_dir / "report"
+    out_dir = rd.report
     plots = out_dir / "plots"
     prov = provenance(run_dir)
     leak = leakage_section(run_dir, audit=audit)
@@ -727,8 +710,7 @@ def build_report(run_dir: str | os.PathLike, audit: bool = True) -> dict:
     forest = plot_forest(metrics, plots / "forest.png")
     logs = training_log(run_dir)
     curves = [c for stage, log_ in logs.items() if (c := plot_training(stage, log_, plots / f"training_{stage}.png"))]
-    human_path = out_dir / HUMAN_FILE
-    human = human_summary(read_human_eval(human_path)) if human_path.exists() else None
+    human = human_summary(read_human_eval(rd.human_eval)) if rd.human_eval.exists() else None
     settings = metrics.get("settings") or {}
 
     # (title, kind, payload): kind 'table' (header, rows), 'text' str, 'image' relpath, 'code' str
@@ -783,7 +765,7 @@ def build_report(run_dir: str | os.PathLike, audit: bool = True) -> dict:
     if human:
         rows = [[m, c, fmt_ci(s["mean"], s["ci"], 2), str(s["n"])] for m, cs in human.items() for c, s in cs.items()]
         sections.append(("Human evaluation (clinician scores, open questions)", [
-            ("text", f"Scores {HUMAN_SCORES[0]}–{HUMAN_SCORES[-1]} from `{HUMAN_FILE}`."),
+            ("text", f"Scores {HUMAN_SCORES[0]}–{HUMAN_SCORES[-1]} from `{rd.human_eval.name}`."),
             ("table", (("model", "condition", "mean score [95% CI]", "n judged"), rows))]))
     else:
         sections.append(("Human evaluation", [("text", "Not yet: `medvqa human-export RUN_DIR OUT.csv`, fill "

@@ -16,6 +16,8 @@ Fields left out of the hash (``ID_EXCLUDED``) are the ones that cannot change th
   which is hashed).
 - ``resources.cpus_per_worker``, ``resources.data_cpus_per_task``, ``resources.data_concurrency``,
   ``resources.num_cpus``: CPU scheduling only.
+- ``eval``: evaluation settings cannot change the trained weights; the predictions are keyed by what produced them
+  (``medvqa.predictions``), not by the run id.
 
 Deliberately *kept* in the hash although they live under ``resources``: ``num_workers`` (the effective batch is
 ``batch_size * grad_accum * num_workers`` and each worker sees a different shard) and ``use_gpu`` (bf16 compute on CUDA,
@@ -36,10 +38,10 @@ Layout (``RunDir``)::
       rejects/<stage>/     rejected records (part-*.jsonl, no image bytes)
       checkpoints/<stage>/ Ray Train storage of the stage (step_* checkpoints)
       adapters/<stage>/    the finished stage's LoRA adapter
-      predictions/         evaluation predictions (parquet)
-      report/              tables and plots
-      ray/                 other Ray Train / Tune storage (e.g. sweeps)
+      eval/                the evaluation matrix: metrics.json, predictions/ (layout: ``medvqa.predictions``)
+      report/              report.md/.html, plots/, human_eval.csv
 
+Every path of a run directory, and every read or write of its config and JSON files, goes through ``RunDir``.
 This module imports neither torch nor ray.
 """
 
@@ -54,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -76,6 +79,7 @@ ID_EXCLUDED: tuple[str, ...] = (
     "resources.data_cpus_per_task",
     "resources.data_concurrency",
     "resources.num_cpus",
+    "eval",
 )
 """Dotted config keys that do not enter the run id (see the module docstring for why)."""
 
@@ -84,6 +88,7 @@ PACKAGES = ("ray", "torch", "transformers", "peft", "bitsandbytes", "accelerate"
 """Distributions whose versions go into environment.json (read from metadata, never imported)."""
 
 _HASH_CHARS = 12
+_MISSING = object()
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -121,7 +126,8 @@ def run_id(cfg: Config) -> str:
 
 @dataclass(frozen=True)
 class RunDir:
-    """Paths of one run directory. ``os.fspath(rd)``, ``Path(rd)`` and ``rd / "x"`` work on ``rd.path``."""
+    """One run directory: its paths, and reading and writing its config and JSON files. ``os.fspath(rd)``,
+    ``Path(rd)`` and ``rd / "x"`` work on ``rd.path``."""
 
     path: Path
 
@@ -159,24 +165,30 @@ class RunDir:
         return self.path / "stages.json"
 
     @property
-    def predictions(self) -> Path:
-        return self.path / "predictions"
+    def eval(self) -> Path:
+        """The evaluation matrix's folder (``evaluate.run_matrix``'s ``out_dir``)."""
+        return self.path / "eval"
+
+    @property
+    def eval_metrics(self) -> Path:
+        return self.eval / "metrics.json"
 
     @property
     def report(self) -> Path:
         return self.path / "report"
 
     @property
-    def ray(self) -> Path:
-        """Ray Train / Tune storage that is not a stage's checkpoints (e.g. sweeps)."""
-        return self.path / "ray"
+    def human_eval(self) -> Path:
+        """Clinician scores merged by ``medvqa human-merge``."""
+        return self.report / "human_eval.csv"
 
     def checkpoints(self, stage: str | None = None) -> Path:
         """``checkpoints/`` (Ray Train ``storage_path``) or ``checkpoints/<stage>/`` (its run ``name``)."""
         return self.path / "checkpoints" / stage if stage else self.path / "checkpoints"
 
-    def adapters(self, stage: str) -> Path:
-        return self.path / "adapters" / stage
+    def adapters(self, stage: str | None = None) -> Path:
+        """``adapters/`` or ``adapters/<stage>/``."""
+        return self.path / "adapters" / stage if stage else self.path / "adapters"
 
     adapter = adapters  # singular alias
 
@@ -188,7 +200,23 @@ class RunDir:
         return self.path / "rejects" / stage
 
     def subdirs(self) -> list[Path]:
-        return [self.path / d for d in ("checkpoints", "adapters", "data", "rejects", "predictions", "report", "ray")]
+        return [self.path / d for d in ("checkpoints", "adapters", "data", "rejects")]
+
+    def read_config(self, overrides: Sequence[str] = ()) -> Config:
+        """The run's resolved config, with dotted ``key=value`` overrides merged in."""
+        if not self.config.exists():
+            raise FileNotFoundError(f"{self.config}: not a run directory (no config.yaml)")
+        return from_dict(yaml.safe_load(self.config.read_text()) or {}, overrides)
+
+    def write_config(self, cfg: Config) -> None:
+        _write_text_atomic(self.config, dump_yaml(cfg))
+
+    def read_json(self, path: Path, default: Any = _MISSING) -> Any:
+        """A JSON file of this run (``path``: one of its paths); ``default`` (if given) when it does not exist."""
+        return read_json(path, default)
+
+    def write_json(self, path: Path, obj: Any) -> None:
+        write_json(path, obj)
 
 
 RUNS_BASE_ENV = "MEDVQA_RUNS_BASE"
@@ -197,13 +225,18 @@ the checkout, so a job submitted with ``--working-dir .`` writes ``runs/`` into 
 temporary copy of it; on a real cluster set it (runtime_env env_vars) to shared persistent storage."""
 
 
-def run_dir_for(cfg: Config) -> RunDir:
-    """Where ``cfg``'s run lives (nothing is created). A relative ``run.output_dir`` is taken relative to
-    ``$MEDVQA_RUNS_BASE`` when set, else to the current directory."""
-    out = Path(cfg.run.output_dir).expanduser()
+def output_root(output_dir: str) -> Path:
+    """An output folder (``run.output_dir``, a sweep's ``output_dir``) as an absolute path: a relative one is taken
+    relative to ``$MEDVQA_RUNS_BASE`` when set, else to the current directory."""
+    out = Path(output_dir).expanduser()
     if not out.is_absolute() and os.environ.get(RUNS_BASE_ENV):
         out = Path(os.environ[RUNS_BASE_ENV]).expanduser() / out
-    return RunDir(out.resolve() / run_id(cfg))
+    return out.resolve()
+
+
+def run_dir_for(cfg: Config) -> RunDir:
+    """Where ``cfg``'s run lives (nothing is created): ``output_root(run.output_dir) / run_id``."""
+    return RunDir(output_root(cfg.run.output_dir) / run_id(cfg))
 
 
 def _warn_if_ephemeral(path: Path) -> None:
@@ -230,8 +263,7 @@ def prepare_run_dir(cfg: Config) -> RunDir:
 
     if rd.config.exists():
         try:
-            old = yaml.safe_load(rd.config.read_text()) or {}
-            old_canonical = _without(to_dict(from_dict(old)), ID_EXCLUDED)
+            old_canonical = canonical_config(rd.read_config())
         except (yaml.YAMLError, ConfigError, TypeError) as e:
             raise ConfigError(f"{rd.config} exists but cannot be read as a config ({e}); move the run directory "
                               f"away or restore its config.yaml") from e
@@ -242,7 +274,7 @@ def prepare_run_dir(cfg: Config) -> RunDir:
                               f"{rd.name} is the same (was config.yaml edited?). Move {rd.path} away or restore "
                               f"its config.yaml.")
         log.info("resuming run %s", rd.path)
-    _write_text_atomic(rd.config, dump_yaml(cfg))
+    rd.write_config(cfg)
     _write_environment(rd)
     return rd
 
@@ -382,7 +414,13 @@ def append_metrics(run_dir: RunDir | str | os.PathLike, record: dict) -> None:
 def read_metrics(run_dir: RunDir | str | os.PathLike) -> list[dict]:
     """All records of ``metrics.jsonl`` in order ([] when there is none). A torn last line (a crash mid-write) is
     skipped with a warning."""
-    path = _as_path(run_dir) / "metrics.jsonl"
+    return read_jsonl(_as_path(run_dir) / "metrics.jsonl")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines file in order ([] when there is none); a line that is not JSON (torn by a crash
+    mid-write) is skipped with a warning."""
+    path = Path(path)
     if not path.exists():
         return []
     records = []
@@ -414,9 +452,6 @@ def _write_text_atomic(path: Path, text: str) -> None:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as JSON atomically (temp file in the same folder + rename): a reader never sees half a file."""
     _write_text_atomic(Path(path), json.dumps(obj, indent=2, default=str) + "\n")
-
-
-_MISSING = object()
 
 
 def read_json(path: str | os.PathLike, default: Any = _MISSING) -> Any:

@@ -14,10 +14,9 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 
-from medvqa.metrics import BINARY_METRICS, METRICS, aggregate, mcnemar, paired_bootstrap, score_rows
+from medvqa.metrics import METRICS, aggregate, json_ready, paired_tests, score_rows
 
 __all__ = ["CANONICAL", "ALIASES", "load_predictions", "score_file", "compare_files", "format_report"]
 
@@ -130,19 +129,6 @@ def load_predictions(path: str | Path, columns: Mapping[str, str] | None = None)
     return out[first + [c for c in out.columns if c not in first]].reset_index(drop=True)
 
 
-def json_ready(obj: Any) -> Any:
-    """JSON-ready: numpy scalars -> Python, NaN/inf -> None."""
-    if isinstance(obj, dict):
-        return {str(k): json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_ready(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def score_file(path: str | Path, columns: Mapping[str, str] | None = None, n_boot: int = 1000, seed: int = 0,
                extract: bool = False, alpha: float = 0.05) -> dict:
     """Score one predictions file; one JSON-ready dict.
@@ -183,20 +169,13 @@ def compare_files(a: str | Path, b: str | Path, columns: Mapping[str, str] | Non
     Rows are paired by position and must agree on (question, true answer) — compared case- and
     whitespace-insensitively — else ``PredictionsError`` names the first row that differs. ``columns`` maps both
     files' columns unless ``columns_b`` is given for B. Returns ``{"n", "a": score of A, "b": score of B,
-    "tests": {metric: paired_bootstrap(A, B) (diff = B - A, CI, p_value) plus "mcnemar" for right/wrong metrics}}``;
-    closed/open metrics are tested on the rows where both define them.
+    "tests": metrics.paired_tests(A, B)}``.
     """
     pa, pb = Path(a), Path(b)
     da, db = load_predictions(pa, columns), load_predictions(pb, columns_b if columns_b is not None else columns)
     _check_aligned(da, db, pa, pb)
     sa, sb = score_rows(da, extract=extract), score_rows(db, extract=extract)
-    tests = {}
-    for m in METRICS:
-        va, vb = sa[m].to_numpy(dtype=float), sb[m].to_numpy(dtype=float)
-        t = paired_bootstrap(va, vb, n_boot=n_boot, seed=seed, alpha=alpha)
-        if m in BINARY_METRICS:
-            t["mcnemar"] = mcnemar(va, vb)
-        tests[m] = t
+    tests = paired_tests(sa, sb, n_boot=n_boot, seed=seed, alpha=alpha)
     return json_ready({
         "n": len(sa), "n_boot": n_boot, "seed": seed, "ci_level": 1 - alpha,
         "a": {"source": str(pa), "extract": extract, **aggregate(sa, n_boot=n_boot, seed=seed, alpha=alpha)},

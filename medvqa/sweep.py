@@ -38,14 +38,14 @@ from typing import Any
 import yaml
 
 from medvqa.config import ConfigError, load_config, named_yaml
-from medvqa.runs import RUNS_BASE_ENV, run_dir_for, write_json
+from medvqa.runs import output_root, run_dir_for, write_json
+from medvqa.sweep_report import TRIAL_LINK, write_report
 
 log = logging.getLogger("medvqa.sweep")
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "tune"
 PARAM_KINDS = ("values", "loguniform", "uniform", "int")
 TIME_ATTR = "val_round"  # ASHA's clock: validation rounds of stage 2 (one per epoch by default)
-TRIAL_LINK = "medvqa_run.json"  # in each Tune trial folder: the trial's id and run directory
 
 
 @dataclass
@@ -121,7 +121,7 @@ def _example_value(spec: dict) -> Any:
 def validate_space(space: SweepSpace, where: str = "search space") -> None:
     if space.mode not in ("max", "min"):
         raise ConfigError(f"{where}: mode must be 'max' or 'min'")
-    from medvqa.train import VALIDATION_METRICS
+    from medvqa.metrics import VALIDATION_METRICS
 
     if space.metric.removeprefix("val_") not in VALIDATION_METRICS or not space.metric.startswith("val_"):
         raise ConfigError(f"{where}: metric {space.metric!r}: trials are scored on the carved validation split, so "
@@ -187,10 +187,7 @@ def space_hash(space: SweepSpace) -> str:
 
 
 def sweep_dir_for(space: SweepSpace) -> Path:
-    out = Path(space.output_dir).expanduser()
-    if not out.is_absolute() and os.environ.get(RUNS_BASE_ENV):
-        out = Path(os.environ[RUNS_BASE_ENV]).expanduser() / out
-    return out.resolve() / f"{space.name}-{space_hash(space)}"
+    return output_root(space.output_dir) / f"{space.name}-{space_hash(space)}"
 
 
 def tune_param_space(space: SweepSpace) -> dict:
@@ -324,7 +321,7 @@ def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool =
     from ray.tune.search.optuna import OptunaSearch
 
     from medvqa.model import resolve_model_path
-    from medvqa.train import init_ray
+    from medvqa.ray_init import init_ray
 
     sdir = sweep_dir_for(space)
     sdir.mkdir(parents=True, exist_ok=True)
@@ -367,8 +364,6 @@ def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool =
     if errors:
         log.warning("sweep %s: %d trial(s) failed; first error: %s", space.name, len(errors), errors[0])
     if report:
-        from medvqa.sweep_report import write_report
-
         write_report(sdir)
     log.info("sweep done: %s", sdir)
     return sdir

@@ -34,8 +34,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from medvqa.report import _plt, fmt, fmt_ci, render_sections
+from medvqa.report import fmt, fmt_ci, pyplot, render_sections
+from medvqa.runs import RunDir, read_jsonl, read_metrics
 
+TRIAL_LINK = "medvqa_run.json"  # in each Tune trial folder (written by sweep.trial_fn): trial id and run directory
 STATUS_ORDER = ("completed", "stopped", "error", "pending")
 # Two-sided 95% Student-t quantiles for 1..10 degrees of freedom (replicate counts are small); 1.96 beyond 30.
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
@@ -47,25 +49,11 @@ def _t975(df: int) -> float:
     return 2.042 if df <= 30 else 1.96
 
 
-def _read_results(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill
-            continue
-    return rows
-
-
 def validation_rounds(run_dir: str | os.PathLike) -> list[dict]:
     """A run's stage-2 validation rows from its metrics.jsonl, one per round (the last if a resume repeated one)."""
-    from medvqa.runs import read_metrics
-
-    if not run_dir or not (Path(run_dir) / "metrics.jsonl").exists():
+    if not run_dir:
         return []
-    rounds = {r["val_round"]: r for r in read_metrics(run_dir)
+    rounds = {r["val_round"]: r for r in read_metrics(RunDir(Path(run_dir)))
               if r.get("event") == "validation" and r.get("stage") == "stage2"}
     return [rounds[k] for k in sorted(rounds)]
 
@@ -75,8 +63,6 @@ def load_trials(sweep_dir: str | os.PathLike) -> tuple[dict, pd.DataFrame]:
 
     Parameters and errors come from Tune's trial folders; the scores from the trial's run directory (Tune's
     ``result.json`` misses rounds reported just before a kill, the run's metrics.jsonl does not)."""
-    from medvqa.sweep import TRIAL_LINK
-
     sweep_dir = Path(sweep_dir)
     space_file = sweep_dir / "space.yaml"
     if not space_file.exists():
@@ -88,7 +74,7 @@ def load_trials(sweep_dir: str | os.PathLike) -> tuple[dict, pd.DataFrame]:
         trial_dir = params_file.parent
         params = json.loads(params_file.read_text())
         link = json.loads((trial_dir / TRIAL_LINK).read_text()) if (trial_dir / TRIAL_LINK).exists() else {}
-        results = _read_results(trial_dir / "result.json")
+        results = read_jsonl(trial_dir / "result.json")
         run_dir = link.get("run_dir") or next((r["run_dir"] for r in results if r.get("run_dir")), None)
         rounds = validation_rounds(run_dir)
         last = rounds[-1] if rounds else {}
@@ -170,10 +156,7 @@ def best_preset(space: dict, trials: pd.DataFrame, cells: pd.DataFrame) -> tuple
     best = cells.iloc[0]
     trial_id = best["trial_ids"].split()[0]
     trial = trials[trials["trial_id"] == trial_id].iloc[0]
-    run_config = Path(str(trial["run_dir"])) / "config.yaml"
-    if not run_config.exists():
-        raise FileNotFoundError(f"{run_config}: the best trial's run directory is gone")
-    cfg = yaml.safe_load(run_config.read_text())
+    cfg = to_dict(RunDir(Path(str(trial["run_dir"]))).read_config())  # FileNotFoundError when the run is gone
     base = to_dict(load_config(space["preset"]))
     cfg["stage2"]["data"]["validation_fraction"] = base["stage2"]["data"]["validation_fraction"]
     cfg["stage2"]["validate_every_n_steps"] = base["stage2"]["validate_every_n_steps"]
@@ -200,7 +183,7 @@ def plot_curve(space: dict, cells: pd.DataFrame, path: Path) -> Path | None:
     x, line = space["report"].get("x"), space["report"].get("line")
     if cells.empty or x is None:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     groups = cells.groupby(line) if line else [(None, cells)]
     for value, g in groups:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from medvqa.config import Config, StageConfig, from_dict, to_dict
+from medvqa.ray_init import init_ray
 from medvqa.runs import RunDir
 
 log = logging.getLogger("medvqa.train")
@@ -61,11 +62,6 @@ def _build_scheduler(optimizer, stage: StageConfig, num_steps: int):
                          num_training_steps=num_steps)
 
 
-VALIDATION_METRICS = ("normalized_em", "normalized_f1", "paper_contains_em", "paper_f1", "closed_accuracy",
-                      "open_recall")
-VALIDATION_MAX_NEW_TOKENS = 16  # as the evaluation matrix: VQA answers are a few words
-
-
 def validation_stage_name(stage_name: str) -> str:
     """Folder name (under data/ and rejects/) of a stage's carved validation records."""
     return f"{stage_name}_validation"
@@ -77,7 +73,7 @@ def validation_metrics(model, processor, rows: list[dict], instruction: str, bat
     (``medvqa.infer.generate_answers`` + ``medvqa.metrics``): ``val_<metric>`` means and their 95% bootstrap CIs
     (``val_<metric>_ci``), plus ``val_n``. The model is put back in train mode afterwards."""
     from medvqa.infer import generate_answers
-    from medvqa.metrics import aggregate, score_rows
+    from medvqa.metrics import VALIDATION_MAX_NEW_TOKENS, VALIDATION_METRICS, aggregate, score_rows
 
     was_training = model.training
     model.eval()
@@ -250,24 +246,6 @@ def train_fn_per_worker(config: dict) -> None:
 # ------------------------------------------------------------------------------------------------- driver
 
 
-def init_ray(cfg: Config, temp_dir: str | None = None) -> None:
-    """Connect to the cluster when submitted with ``ray job submit`` (RAY_ADDRESS is set), otherwise start a local
-    Ray bound to 127.0.0.1 with the dashboard on loopback."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        # Submitted job: the job's runtime env (cluster/runtime_env.yaml) applies; passing env vars here as well
-        # fails the job when both define one ("Failed to merge the Job's runtime env").
-        ray.init(log_to_driver=True)
-    else:
-        env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}}
-        ray.init(address="local", num_cpus=cfg.resources.num_cpus, _node_ip_address="127.0.0.1",
-                 include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=temp_dir, runtime_env=env)
-    log.info("Ray %s: %s", ray.__version__, ray.cluster_resources())
-
-
 def fit_stage(cfg: Config, stage_name: str, run_dir: RunDir, model_path: str, callbacks: list | None = None) -> dict:
     """Prepare a stage's data (and its carved validation set) and train it with a TorchTrainer; returns the stage
     summary. ``callbacks``: Ray Train ``UserCallback``s (a sweep passes one that forwards reports to Tune)."""
@@ -339,9 +317,5 @@ def run_two_stage(cfg: Config, ray_temp_dir: str | None = None, callbacks: list 
     # One data manifest for the run: per stage, what was read, kept and rejected (and where the rejects are).
     write_json(rd.manifest, {name: json.loads((rd.data(name) / "manifest.json").read_text())
                              for name, _ in cfg.stages()})
-    if cfg.run.evaluate:
-        from medvqa.evaluate import evaluate_run
-
-        evaluate_run(rd.path)
     log.info("done: %s", rd.path)
     return rd.path

@@ -47,7 +47,7 @@ def test_submitted_driver_adds_no_runtime_env(monkeypatch):
     import ray
 
     from medvqa.config import load_config
-    from medvqa.train import init_ray
+    from medvqa.ray_init import init_ray
 
     calls = []
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")

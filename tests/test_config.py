@@ -105,3 +105,32 @@ def test_config_module_imports_no_heavy_libraries():
 
     code = "import sys, medvqa.config; print(any(m in sys.modules for m in ('torch', 'ray', 'transformers')))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_eval_section_is_typed_config():
+    """`medvqa eval` settings are the eval.* section: documented, dotted overrides, conditions as a list or
+    comma-separated (the condition 'true' survives YAML's boolean), bad values name the key."""
+    keys = {key for key, _, _ in field_docs(Config()) if key.startswith("eval.")}
+    assert {"eval.conditions", "eval.max_new_tokens", "eval.concurrency", "eval.cpus_per_actor", "eval.gpus_per_actor",
+            "eval.batch_size", "eval.feature_cache_mb", "eval.medhalt_path", "eval.ood_path"} <= keys
+    assert load_config("tiny").eval.conditions == ["true", "swapped", "expert", "medhalt"]
+    assert load_config("tiny", ["eval.conditions=true"]).eval.conditions == ["true"]
+    assert load_config("tiny", ["eval.conditions=true,ood"]).eval.conditions == ["true", "ood"]
+    assert load_config("tiny", ["eval.conditions=[true, swapped]"]).eval.conditions == ["true", "swapped"]
+    cfg = load_config("tiny", ["resources.use_gpu=true", "eval.gpus_per_actor=0.25", "eval.max_new_tokens=4"])
+    assert (cfg.eval.gpus_per_actor, cfg.eval.max_new_tokens) == (0.25, 4)
+    assert from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg
+    for bad, key in (("eval.conditions=true,nope", "eval.conditions[1]"), ("eval.conditions=true,true",
+                     "eval.conditions"), ("eval.max_new_tokens=0", "eval.max_new_tokens"),
+                     ("eval.gpus_per_actor=0.5", "eval.gpus_per_actor"), ("eval.cpus_per_actor=0", "eval.cpus_per_actor")):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_config("tiny", [bad])
+
+
+def test_phantom_anatomies_match_the_generator():
+    import typing
+
+    from medvqa.config import PhantomAnatomy
+    from medvqa.data.phantoms import MODALITIES, ORGANS
+
+    assert set(typing.get_args(PhantomAnatomy)) == {""} | {f"{m}/{o}" for m in MODALITIES for o in ORGANS}

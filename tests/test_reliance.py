@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from medvqa.config import load_config
-from medvqa.evaluate import cell_path, heldout_records, run_matrix
+from medvqa.evaluate import heldout_records, run_matrix
 from medvqa.runs import read_metrics
 
 pytestmark = pytest.mark.integration
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.integration
 TRAIN = ["run.checkpoint_every_n_steps=100000", "run.log_every_n_steps=4", "resources.num_cpus=2",
          "stage1.data.phantom_anatomy=ct/chest", "stage2.data.phantom_anatomy=ct/chest", "stage2.epochs=4"]
 N_TEST = 48
-CONDITIONS = ["true", "swapped"]
+EVAL = ["eval.conditions=true,swapped", "eval.seed=0", "eval.max_new_tokens=8", "eval.n_boot=500"]
 MARGIN = 0.10  # normalized-EM points the true image must add over a swapped one
 
 
@@ -39,12 +39,11 @@ MARGIN = 0.10  # normalized-EM points the true image must add over a swapped one
 def evaluated(ray_local, tmp_path_factory):
     from medvqa.train import run_two_stage
 
-    cfg = load_config("tiny", TRAIN + [f"run.output_dir={tmp_path_factory.mktemp('runs')}"])
+    cfg = load_config("tiny", TRAIN + EVAL + [f"run.output_dir={tmp_path_factory.mktemp('runs')}"])
     run_dir = run_two_stage(cfg)
     test = heldout_records(cfg.stage2.data, limit=N_TEST)
     out_dir = tmp_path_factory.mktemp("eval")
-    out = run_matrix(cfg, {"two_stage": run_dir}, test, out_dir, conditions=CONDITIONS, seed=0, max_new_tokens=8,
-                     concurrency=2, cpus_per_actor=0.5, batch_size=8, n_boot=500)
+    out = run_matrix(cfg, {"two_stage": run_dir}, test, out_dir)
     return run_dir, test, out_dir, out["metrics"]
 
 
@@ -59,8 +58,8 @@ def test_swapped_rows_never_show_the_true_image(evaluated):
     _, test, out_dir, metrics = evaluated
     records = {r["id"]: r for r in test}
     image_of = {r["image_id"]: r["image"] for r in test}
-    swapped = pd.read_parquet(cell_path(out_dir, "two_stage", "swapped"))
-    true = pd.read_parquet(cell_path(out_dir, "two_stage", "true"))
+    cells = metrics["settings"]["cells"]["two_stage"]
+    swapped, true = (pd.read_parquet(out_dir / cells[c]) for c in ("swapped", "true"))
     assert sorted(swapped["question_id"]) == sorted(records) == sorted(true["question_id"])
     for q, shown, truth in zip(swapped["question_id"], swapped["image_id_shown"], swapped["true_image_id"]):
         assert truth == records[q]["image_id"]

@@ -8,8 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from medvqa.config import dump_yaml, load_config
-from medvqa.evaluate import _write_cell, cell_path, score_matrix
+from medvqa.config import load_config
+from medvqa.metrics import json_ready, matrix_metrics
+from medvqa.predictions import CellWriter
 from medvqa.report import (
     HumanEvalError,
     build_report,
@@ -21,7 +22,7 @@ from medvqa.report import (
     stage_cost,
     training_log,
 )
-from medvqa.score import json_ready
+from medvqa.runs import RunDir
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -96,25 +97,38 @@ TIMING = {"cells": {"base/true": {"rows": 8, "seconds": 4.0, "gpus": 0}, "base/s
                     "two_stage/true": {"rows": 8, "seconds": 8.0, "gpus": 0}}}
 
 
-def make_run(root: Path, kind: str = "phantom", data_path: str = "") -> Path:
-    """A fake run directory: config.yaml, environment.json, metrics.jsonl (``TRAINING_LOG``),
-    eval/predictions/*/*.parquet and a metrics.json from the real scoring code (``evaluate.score_matrix``) with
-    ``TIMING``."""
-    run = root / "tiny-run-abc123"
-    run.mkdir(parents=True)
-    overrides = [f"stage2.data.kind={kind}"] + ([f"stage2.data.path={data_path}"] if data_path else [])
-    (run / "config.yaml").write_text(dump_yaml(load_config("tiny", overrides)))
-    (run / "environment.json").write_text(json.dumps({"time": 0.0, "git": {"commit": COMMIT, "dirty": False}}))
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TRAINING_LOG))
-    out = run / "eval"
-    for (m, c) in PREDS:
-        _write_cell(_cell_frame(m, c), cell_path(out, m, c))
-    metrics = score_matrix(out, ["base", "two_stage"], ["true", "swapped"], n_boot=200, seed=0)
-    metrics["settings"] = {"evaluated": ["base", "two_stage"], "conditions": ["true", "swapped"], "seed": 0,
-                           "n_questions": len(QUESTIONS)}
-    metrics["timing"] = TIMING
+def write_cells(out: Path, frames: dict) -> dict:
+    """Store prediction frames {(model, condition): df} as the evaluation does; {model: {condition: path}}."""
+    paths: dict = {}
+    for (m, c), df in frames.items():
+        writer = CellWriter(out, m, {c: df.to_dict("records")}, {"test": m})
+        if writer.pending():
+            writer.add(df)
+        paths.setdefault(m, {})[c] = writer.path(c).relative_to(out).as_posix()
+    return paths
+
+
+def write_metrics(out: Path, frames: dict, n_boot: int = 200) -> dict:
+    """Cells and a metrics.json from the real scoring code (``metrics.matrix_metrics``), as ``run_matrix`` writes
+    them."""
+    metrics = matrix_metrics(frames, n_boot=n_boot, seed=0)
+    metrics["settings"] = {"evaluated": list(dict.fromkeys(m for m, _ in frames)), "conditions": ["true", "swapped"],
+                           "seed": 0, "n_questions": len(QUESTIONS), "cells": write_cells(out, frames)}
     (out / "metrics.json").write_text(json.dumps(json_ready(metrics)))
-    return run
+    return metrics
+
+
+def make_run(root: Path, kind: str = "phantom", data_path: str = "") -> Path:
+    """A fake run directory: config.yaml, environment.json, metrics.jsonl (``TRAINING_LOG``), eval/ cells and a
+    metrics.json with ``TIMING``."""
+    rd = RunDir(root / "tiny-run-abc123")
+    overrides = [f"stage2.data.kind={kind}"] + ([f"stage2.data.path={data_path}"] if data_path else [])
+    rd.write_config(load_config("tiny", overrides))
+    rd.write_json(rd.environment, {"time": 0.0, "git": {"commit": COMMIT, "dirty": False}})
+    (rd.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TRAINING_LOG))
+    metrics = write_metrics(rd.eval, {(m, c): _cell_frame(m, c) for m, c in PREDS})
+    rd.write_json(rd.eval_metrics, json_ready({**metrics, "timing": TIMING}))
+    return rd.path
 
 
 @pytest.fixture()
@@ -206,6 +220,7 @@ def test_run_matrix_times_every_cell(records_and_cfg, tmp_path, monkeypatch):
     import medvqa.evaluate as ev
 
     cfg, records = records_and_cfg
+    cfg = load_config("tiny", ["eval.conditions=[true, swapped]", "eval.n_boot=50"])
     clock = {"now": 100.0}
     monkeypatch.setattr("time.perf_counter", lambda: clock["now"])
     last_block = []
@@ -219,14 +234,14 @@ def test_run_matrix_times_every_cell(records_and_cfg, tmp_path, monkeypatch):
         yield df.iloc[6:]
 
     monkeypatch.setattr(ev, "_predict_rows", fake_job)
-    out = ev.run_matrix(cfg, {"base": None}, records, tmp_path, conditions=["true", "swapped"], n_boot=50)
+    out = ev.run_matrix(cfg, {"base": None}, records, tmp_path)
     timing = out["metrics"]["timing"]["cells"]
     n_true = last_block.count("true")
     assert timing["base/true"]["rows"] == 4 and timing["base/swapped"]["rows"] == 4
     assert timing["base/true"]["seconds"] == pytest.approx(3.0 * 4 / 8 + 1.0 * n_true / 2)
     assert timing["base/true"]["seconds"] + timing["base/swapped"]["seconds"] == pytest.approx(4.0)
     assert timing["base/true"]["gpus"] == 0
-    again = ev.run_matrix(cfg, {"base": None}, records, tmp_path, conditions=["true", "swapped"], n_boot=50)
+    again = ev.run_matrix(cfg, {"base": None}, records, tmp_path)
     assert again["metrics"]["timing"]["cells"] == timing  # skipped cells keep the timing of the call that ran them
 
 
@@ -243,12 +258,12 @@ def test_seeds_are_a_dimension(tmp_path):
     """Two seeds of two_stage (``two_stage@<seed>``): per-seed values and mean ± SD across seeds in metrics.json and
     in the report; a model run with one seed gets no across-seed row."""
     run = make_run(tmp_path)
-    out = run / "eval"
     other = _cell_frame("two_stage", "true")
     other["predicted_answer"] = other["raw_prediction"] = ["yes", "no", "chest", "left", "ct", "no", "effusion", "no"]
+    frames = {(m, c): _cell_frame(m, c) for m, c in PREDS if m == "base"}
     for seed, df in (("0", _cell_frame("two_stage", "true")), ("1", other)):
-        _write_cell(df.assign(model=f"two_stage@{seed}"), cell_path(out, f"two_stage@{seed}", "true"))
-    metrics = score_matrix(out, ["base", "two_stage@0", "two_stage@1"], ["true", "swapped"], n_boot=100, seed=0)
+        frames[f"two_stage@{seed}", "true"] = df.assign(model=f"two_stage@{seed}")
+    metrics = write_metrics(run / "eval", frames, n_boot=100)
     em = [metrics["cells"][f"two_stage@{s}"]["true"]["normalized_em"] for s in "01"]
     assert em == [0.75, 0.75]  # seed 1: 'ct' right, 'no' wrong for q5
     f1 = [metrics["cells"][f"two_stage@{s}"]["true"]["normalized_f1"] for s in "01"]
@@ -258,8 +273,6 @@ def test_seeds_are_a_dimension(tmp_path):
     assert entry["normalized_f1"]["mean"] == pytest.approx(sum(f1) / 2)
     assert entry["normalized_f1"]["sd"] == pytest.approx(abs(f1[0] - f1[1]) / 2 ** 0.5)  # sample SD of two values
     assert entry["normalized_em"]["sd"] == 0.0 and "swapped" not in metrics["seeds"]["two_stage"]  # one seed only
-    metrics["settings"] = {"evaluated": ["base", "two_stage@0", "two_stage@1"], "conditions": ["true", "swapped"]}
-    (out / "metrics.json").write_text(json.dumps(json_ready(metrics)))
     build_report(run)
     md = (run / "report" / "report.md").read_text()
     assert "## Across seeds" in md
@@ -292,10 +305,10 @@ def test_human_export_resolves_phantom_images(tmp_path):
 
     run = make_run(tmp_path / "r")
     test = heldout_records(load_config("tiny").stage2.data, limit=4)
-    path = cell_path(run / "eval", "base", "true")
-    df = pd.read_parquet(path)
+    frames = {(m, c): _cell_frame(m, c) for m, c in PREDS}
+    df = frames["base", "true"]
     df.loc[df.question_id == "q2", "image_id_shown"] = test[0]["image_id"]
-    _write_cell(df, path)
+    write_metrics(run / "eval", frames)
     csv = tmp_path / "h" / "h.csv"
     out = export_human_eval(run, csv, resolve_images=True)
     row = out[(out.model == "base") & (out.condition == "true") & (out.question_id == "q2")].iloc[0]

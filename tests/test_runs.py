@@ -55,7 +55,8 @@ def test_run_id_changes_with_what_changes_results(override):
                                       "run.checkpoint_every_n_steps=3", "run.max_failures=0",
                                       "model.cache_dir=/tmp/cache", "resources.num_cpus=2",
                                       "resources.cpus_per_worker=2", "resources.data_cpus_per_task=1",
-                                      "resources.data_concurrency=8"])
+                                      "resources.data_concurrency=8", "eval.max_new_tokens=8",
+                                      "eval.conditions=true"])
 def test_run_id_ignores_where_and_how_often(override):
     assert run_id(_cfg(None, override)) == run_id(_cfg())
 
@@ -78,14 +79,14 @@ def test_layout_is_created(tmp_path):
     assert isinstance(rd, RunDir)
     assert rd.path == tmp_path.resolve() / run_id(cfg)
     assert Path(rd) == rd.path and os.fspath(rd) == str(rd.path) and rd / "x" == rd.path / "x"
-    for d in ("checkpoints", "adapters", "data", "rejects", "predictions", "report", "ray"):
-        assert (rd.path / d).is_dir(), d
+    assert sorted(p.name for p in rd.path.iterdir() if p.is_dir()) == ["adapters", "checkpoints", "data", "rejects"]
     assert rd.checkpoints("stage1") == rd.path / "checkpoints" / "stage1"
     assert rd.adapters("stage2") == rd.path / "adapters" / "stage2"
     assert rd.data("stage1") == rd.path / "data" / "stage1"
     assert rd.rejects("stage1") == rd.path / "rejects" / "stage1"
     assert rd.config.name == "config.yaml" and rd.metrics.name == "metrics.jsonl"
     assert rd.manifest.name == "manifest.json" and rd.environment.name == "environment.json"
+    assert rd.eval_metrics == rd.path / "eval" / "metrics.json" and rd.human_eval.parent == rd.report
     assert not list(rd.path.glob(".*.tmp"))  # atomic writes leave no temp files
 
 
@@ -94,6 +95,17 @@ def test_config_round_trips(tmp_path):
     rd = prepare_run_dir(cfg)
     again = from_dict(yaml.safe_load(rd.config.read_text()))
     assert again == cfg and run_id(again) == rd.name
+
+
+def test_run_dir_reads_its_config_with_overrides(tmp_path):
+    cfg = _cfg(tmp_path, "lora.r=4")
+    rd = prepare_run_dir(cfg)
+    assert rd.read_config() == cfg
+    assert rd.read_config(["eval.max_new_tokens=3"]).eval.max_new_tokens == 3 and rd.read_config().lora.r == 4
+    with pytest.raises(ConfigError, match="eval.nope"):
+        rd.read_config(["eval.nope=1"])
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        RunDir(tmp_path / "elsewhere").read_config()
 
 
 def test_reopening_resumes_and_accepts_non_hashed_changes(tmp_path):
@@ -185,6 +197,10 @@ def test_relative_output_dir_follows_runs_base(tmp_path, monkeypatch):
     assert run_dir_for(cfg).path == (tmp_path / "base").resolve() / "runs" / run_id(cfg)
     absolute = load_config("tiny", [f"run.output_dir={tmp_path / 'abs'}"])
     assert run_dir_for(absolute).path == (tmp_path / "abs").resolve() / run_id(absolute)
+    from medvqa.sweep import load_space, space_hash, sweep_dir_for  # sweeps resolve their folder the same way
+
+    space = load_space("tiny")
+    assert sweep_dir_for(space) == (tmp_path / "base").resolve() / "sweeps" / f"tiny-{space_hash(space)}"
 
 
 def test_environment_records_the_ray_job(tmp_path, monkeypatch):

@@ -345,5 +345,20 @@ def reject_summary(rows: Any) -> dict[str, int]:
     return dict(counts.most_common())
 
 
-def valid_rows(rows: Iterable[dict]) -> list[dict]:
-    return [r for r in rows if not r["reject_reason"]]
+def valid_records(raw: Iterable[dict], keep_images: bool = True) -> tuple[list[dict], int]:
+    """Validated records of ``raw`` without the rejected ones, and how many were rejected. ``keep_images=False``
+    drops the image bytes as it goes (``image_id``, their hash, stays): enough for a split audit, and light."""
+    rows, rejected = [], 0
+    for r in map(validate_record, raw):
+        if r["reject_reason"]:
+            rejected += 1
+            continue
+        if not keep_images:
+            r["image"] = b""
+        rows.append(r)
+    return rows, rejected
+
+
+def parse_meta(value: Any) -> dict:
+    """A record's ``meta`` (JSON text or a dict) as a dict; {} when missing or malformed."""
+    return _meta(value)[0]

@@ -1,0 +1,137 @@
+"""Prediction storage of the evaluation matrix: one parquet per (model, condition) cell, streamed in parts and keyed
+by what produced the answers.
+
+Layout under an evaluation folder (a run's ``eval/``)::
+
+    predictions/<model>/<condition>/<key>.parquet   a finished cell: one row per question, in the cell's order
+    predictions/<model>/<condition>/<key>.parts/    its streamed batches (one atomic parquet each) until complete
+    predictions/<model>/<condition>/<key>.json      what produced it (``producer``) and its number of questions
+
+``key`` hashes the producer (base model config, adapter contents, device, decoding) and the cell's question rows
+(ids, questions, images shown by content hash, instruction, answers): changing any of them predicts the cell anew
+under a new key, so old and new answers never mix, and the old cell stays where it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from medvqa.runs import write_json
+
+#: the question columns of a prediction row (plus ``model``); with the answers, every column of a cell parquet
+QUESTION_COLUMNS = ("condition", "question_id", "image_id_shown", "true_image_id", "prompt", "true_answer",
+                    "answer_type", "question_type", "source", "instruction", "swap_match")
+ROW_COLUMNS = ("model", *QUESTION_COLUMNS)
+CELL_COLUMNS = (*ROW_COLUMNS, "raw_prediction", "predicted_answer")
+_KEY_CHARS = 16
+
+
+def _sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def adapter_hash(folder: str | os.PathLike) -> str:
+    """sha256 of an adapter folder's files (relative names and bytes): its content, wherever it lives."""
+    h = hashlib.sha256()
+    root = Path(folder)
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def producer(model: Mapping, adapters: Mapping[str, str], use_gpu: bool, max_new_tokens: int) -> dict:
+    """What produces a model's answers: the base model config (``cfg.model`` as a dict; ``cache_dir`` left out, it
+    only says where the tiny model is cached), the adapters by content, the device (bf16 compute on a GPU, fp32 on a
+    CPU) and greedy decoding with ``max_new_tokens``. Batch size and the feature cache are left out: answers do not
+    depend on them (left-padded greedy decoding; tests/test_infer.py)."""
+    return {"model": {k: v for k, v in model.items() if k != "cache_dir"},
+            "adapters": {name: adapter_hash(path) for name, path in adapters.items()},
+            "device": "cuda" if use_gpu else "cpu",
+            "decoding": {"do_sample": False, "num_beams": 1, "max_new_tokens": max_new_tokens}}
+
+
+def cell_key(produced_by: Mapping, rows: Sequence[Mapping]) -> str:
+    """The key of a cell: its producer and its question rows, in order."""
+    questions = [[str(r.get(c, "")) for c in QUESTION_COLUMNS] for r in rows]
+    return _sha256({"producer": produced_by, "questions": questions})[:_KEY_CHARS]
+
+
+def _write_parquet(df: pd.DataFrame, path: Path) -> None:
+    """Atomic: a crash never leaves a half-written file that a resume would take as done."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    pq.write_table(pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False), tmp)
+    os.replace(tmp, path)
+
+
+class CellWriter:
+    """The cells of one model under ``out_dir``: which questions are done, streamed parts in, finished cells out.
+
+    ``cells``: condition -> its question rows (``conditions.build_cells``); ``produced_by``: ``producer(...)`` of the
+    model. A finished cell is done; a cell with parts keeps their questions (files that are not whole parts, e.g. a
+    killed write's ``*.tmp``, are ignored) and is finalized at once when they are complete. ``pending()``: rows still
+    to predict; ``add(df)``: prediction rows of any cells -> parts, and every cell that becomes complete is written.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, model: str, cells: Mapping[str, Sequence[Mapping]],
+                 produced_by: Mapping):
+        self.out_dir, self.model, self.cells = Path(out_dir), model, cells
+        self.keys = {c: cell_key(produced_by, rows) for c, rows in cells.items()}
+        self.done: dict[str, set[str]] = {}  # condition -> question ids in parts (unfinished cells only)
+        self.finished: list[str] = []  # cells finished before this run
+        self.written: list[str] = []  # cells finished by this writer
+        self.reused_rows: dict[str, int] = {}  # condition -> rows kept from parts of an earlier run
+        for c, rows in cells.items():
+            if self.path(c).exists():
+                self.finished.append(c)
+                shutil.rmtree(self.parts(c), ignore_errors=True)  # a crash between finishing and the clean-up
+                continue
+            if not self.path(c).with_suffix(".json").exists():
+                write_json(self.path(c).with_suffix(".json"), {"model": model, "condition": c, "key": self.keys[c],
+                                                               "n_questions": len(rows), "producer": produced_by})
+            have = {q for f in sorted(self.parts(c).glob("*.parquet"))
+                    for q in pd.read_parquet(f, columns=["question_id"])["question_id"]}
+            self.done[c] = have
+            self.reused_rows[c] = len(have)
+            if len(have) == len(rows):
+                self._finalize(c)
+
+    def path(self, condition: str) -> Path:
+        """The finished cell's parquet."""
+        return self.out_dir / "predictions" / self.model / condition / f"{self.keys[condition]}.parquet"
+
+    def parts(self, condition: str) -> Path:
+        """Where the cell's streamed batches accumulate until it is complete."""
+        return self.path(condition).with_suffix(".parts")
+
+    def pending(self) -> list[dict]:
+        return [r for c, seen in self.done.items() for r in self.cells[c] if r["question_id"] not in seen]
+
+    def add(self, df: pd.DataFrame) -> None:
+        for c, part in df.groupby("condition", sort=False):
+            if c not in self.done:
+                raise ValueError(f"predictions for cell {self.model}/{c}, which is not being predicted")
+            _write_parquet(part[list(CELL_COLUMNS)], self.parts(c) / f"{uuid.uuid4().hex}.parquet")
+            self.done[c] |= set(part["question_id"])
+            if len(self.done[c]) == len(self.cells[c]):
+                self._finalize(c)
+
+    def _finalize(self, c: str) -> None:
+        df = pd.concat([pd.read_parquet(f) for f in sorted(self.parts(c).glob("*.parquet"))], ignore_index=True)
+        order = [r["question_id"] for r in self.cells[c]]
+        df = df.drop_duplicates("question_id").set_index("question_id").loc[order].reset_index()
+        _write_parquet(df[list(CELL_COLUMNS)], self.path(c))
+        shutil.rmtree(self.parts(c), ignore_errors=True)
+        del self.done[c]
+        self.written.append(c)
