@@ -213,15 +213,15 @@ def tune_param_space(space: SweepSpace) -> dict:
 
 def max_concurrent_trials(space: SweepSpace, cluster: dict) -> int:
     """Trials that fit at once: ``max_concurrent`` when given; else the cluster's GPUs over the GPUs a trial's
-    workers take (a GPU run), or its CPUs over a trial's Train workers and data tasks (a CPU run)."""
+    workers take (``num_workers * gpus_per_worker``: 4 trials per GPU at 0.25; a GPU run), or its CPUs over a trial's Train workers and data tasks (a CPU run)."""
     if space.max_concurrent:
         return space.max_concurrent
     r = space.base_config().resources
     if r.use_gpu:
-        gpus = int(cluster.get("GPU", 0))
-        if gpus < r.num_workers:
-            raise RuntimeError(f"the cluster has {gpus} GPU(s); a trial needs {r.num_workers}")
-        return gpus // r.num_workers
+        gpus, per_trial = float(cluster.get("GPU", 0)), r.num_workers * r.gpus_per_worker  # fractions pack trials
+        if gpus < per_trial:
+            raise RuntimeError(f"the cluster has {gpus:g} GPU(s); a trial needs {per_trial:g}")
+        return int(gpus / per_trial + 1e-9)
     per_trial = r.num_workers * r.cpus_per_worker + r.data_concurrency * r.data_cpus_per_task
     return max(1, int(cluster.get("CPU", 1) // per_trial))
 
