@@ -75,8 +75,9 @@ def idefics2_8b_config(tokenizer, text_layers: Optional[int] = None, vision_laye
     """Idefics2Config of the 8B shape; a layer count given replaces the full one (32 text, 27 vision, depth 3)."""
     from transformers import Idefics2Config
 
-    ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in
-           (("bos_token_id", "<s>"), ("eos_token_id", "</s>"), ("pad_token_id", tokenizer.pad_token))}
+    from medvqa.tiny import token_ids
+
+    ids = token_ids(tokenizer)
     text = {**TEXT, "vocab_size": len(tokenizer), **ids}
     vision, perceiver = dict(VISION), dict(PERCEIVER)
     for d, key, n in ((text, "num_hidden_layers", text_layers), (vision, "num_hidden_layers", vision_layers),
@@ -145,6 +146,8 @@ def build(shape: str, out_dir: str | Path, text_layers: Optional[int] = None, vi
     processor.save_pretrained(out_dir)
     built = sum(p.numel() for p in model.parameters())
     del model
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # hand the ~17 GB back: a caller's memory figures must not include them
     return {"path": str(out_dir), "shape": shape, "parameters": built,
             "full_shape_parameters": parameter_count(idefics2_8b_config(processor.tokenizer)),
             "config": {"text_layers": config.text_config.num_hidden_layers,

@@ -213,7 +213,8 @@ def tune_param_space(space: SweepSpace) -> dict:
 
 def max_concurrent_trials(space: SweepSpace, cluster: dict) -> int:
     """Trials that fit at once: ``max_concurrent`` when given; else the cluster's GPUs over the GPUs a trial's
-    workers take (``num_workers * gpus_per_worker``: 4 trials per GPU at 0.25; a GPU run), or its CPUs over a trial's Train workers and data tasks (a CPU run)."""
+    workers take (``num_workers * gpus_per_worker``: 4 trials per GPU at 0.25; a GPU run), or its CPUs over a trial's
+    Train workers and data tasks (a CPU run)."""
     if space.max_concurrent:
         return space.max_concurrent
     r = space.base_config().resources

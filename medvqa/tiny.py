@@ -126,12 +126,17 @@ def build_processor(tokenizer, image_seq_len: int = IMAGE_SEQ_LEN, shortest_edge
                              chat_template=CHAT_TEMPLATE)
 
 
+def token_ids(tokenizer) -> dict:
+    """``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` of ``tokenizer``, for model and generation configs."""
+    return {k: tokenizer.convert_tokens_to_ids(t) for k, t in
+            (("bos_token_id", "<s>"), ("eos_token_id", "</s>"), ("pad_token_id", tokenizer.pad_token))}
+
+
 def generation_config(tokenizer):
     """Greedy defaults that stop at the end of the utterance, like Idefics2-8B's."""
     from transformers import GenerationConfig
 
-    ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in
-           (("bos_token_id", "<s>"), ("eos_token_id", "</s>"), ("pad_token_id", tokenizer.pad_token))}
+    ids = token_ids(tokenizer)
     return GenerationConfig(bos_token_id=ids["bos_token_id"], pad_token_id=ids["pad_token_id"],
                             eos_token_id=[ids["eos_token_id"], tokenizer.convert_tokens_to_ids("<end_of_utterance>")])
 
@@ -139,8 +144,7 @@ def generation_config(tokenizer):
 def build_config(tokenizer):
     from transformers import Idefics2Config
 
-    ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in
-           (("bos_token_id", "<s>"), ("eos_token_id", "</s>"), ("pad_token_id", "<pad>"))}
+    ids = token_ids(tokenizer)
     return Idefics2Config(
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         tie_word_embeddings=False,
