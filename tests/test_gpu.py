@@ -327,7 +327,8 @@ def test_checkpoint_save_and_resume_on_gpu_continues_exactly(tiny_model_dir, gpu
     resumed = {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}
     assert resumed.keys() == straight.keys()
     for n in straight:
-        torch.testing.assert_close(resumed[n], straight[n], rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(resumed[n], straight[n], rtol=1e-4, atol=1e-5, msg=n)  # lr 3e-3: a lost
+        # optimizer state or a skipped step moves weights by ~1e-3
 
 
 @pytest.mark.gpu
@@ -351,8 +352,10 @@ def gpu_inference_model(tiny_model_dir):
     from medvqa.model import load_inference_model
 
     # float32 compute without TF32: the comparisons below are about padding and caching, not bf16 rounding
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    return load_inference_model(_gpu_cfg(tiny_model_dir, "model.compute_dtype=float32"), use_gpu=True)
+    yield load_inference_model(_gpu_cfg(tiny_model_dir, "model.compute_dtype=float32"), use_gpu=True)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def _questions(n_images: int = 3, per_image: int = 2) -> list[dict]:
