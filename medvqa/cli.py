@@ -18,6 +18,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect and audit data source
 app.add_typer(data_app, name="data")
 sweep_app = typer.Typer(no_args_is_help=True, help="Ray Tune + Optuna sweeps (search spaces under tune/).")
 app.add_typer(sweep_app, name="sweep")
+model_app = typer.Typer(no_args_is_help=True, help="Offline models of a real checkpoint's shape.")
+app.add_typer(model_app, name="model")
 
 
 def setup_logging() -> None:
@@ -285,6 +287,32 @@ def sweep_report(sweep_dir: str = typer.Argument(..., help="Sweep directory (swe
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     typer.echo(json.dumps(out))
+
+
+@model_app.command("build")
+def model_build(out: str = typer.Option(..., help="Folder to write (save_pretrained: config, weights, tokenizer, "
+                                        "processor); then model.name_or_path=OUT loads it."),
+                shape: str = typer.Option("idefics2-8b", help="Architecture: idefics2-8b or tiny."),
+                text_layers: Optional[int] = typer.Option(None, help="Text decoder layers (full shape: 32)."),
+                vision_layers: Optional[int] = typer.Option(None, help="Vision encoder layers (full shape: 27)."),
+                perceiver_depth: Optional[int] = typer.Option(None, help="Perceiver resampler layers (full: 3)."),
+                seed: int = typer.Option(0, help="Weight and tokenizer seed."),
+                dtype: str = typer.Option("bfloat16", help="dtype of the saved weights: bfloat16 or float32."),
+                device: str = typer.Option("cpu", help="Where to initialise the weights (cuda: faster; the full "
+                                           "shape needs ~17 GB there).")) -> None:
+    """Write a randomly initialised model of a real checkpoint's architecture (idefics2-8b: Mistral-7B text model,
+    SigLIP at 980 px, 64-latent perceiver; 32,003-token tokenizer) and print the full shape's parameter count."""
+    from medvqa.shapes import build
+
+    try:
+        info = build(shape, out, text_layers=text_layers, vision_layers=vision_layers,
+                     perceiver_depth=perceiver_depth, seed=seed, dtype=dtype, device=device)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"{shape}: full shape {info['full_shape_parameters']:,} parameters; written {info['parameters']:,} "
+               f"({info['dtype']}) to {info['path']} in {info['seconds']} s")
+    typer.echo(json.dumps(info))
 
 
 if __name__ == "__main__":

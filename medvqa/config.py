@@ -55,6 +55,11 @@ class ModelConfig:
                 "Never float16: the study's fp16 compute gave NaN gradients.")
     double_quant: bool = doc(True, "Nested quantization of the 4-bit scales (saves ~0.4 bit/param).")
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward: less memory, ~30% slower.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = doc(
+        "sdpa", "Attention kernels of the vision tower, perceiver and text model: 'sdpa' (PyTorch's fused "
+                "scaled_dot_product_attention, transformers' default), 'eager' (plain matmul + softmax: "
+                "materialises every attention matrix, 4900x4900 per head for a 980-px image), 'flash_attention_2' "
+                "(needs the flash-attn package and a CUDA GPU).")
     do_image_splitting: bool = doc(False, "Idefics2 image splitting into 4 crops + global (study: off).")
     longest_edge: Optional[int] = doc(None, "Resize images so the longest edge is this many pixels; None keeps the "
                                             "processor's default (980 for Idefics2-8B, 64 for tiny).")
@@ -119,7 +124,11 @@ class StageConfig:
 @dataclass
 class ResourcesConfig:
     num_workers: int = doc(1, "Ray Train workers (one per GPU on a cluster).")
-    use_gpu: bool = doc(False, "One GPU per worker.")
+    use_gpu: bool = doc(False, "Train workers (and each sweep trial's workers) run on GPUs.")
+    gpus_per_worker: float = doc(1.0, "GPUs reserved per Train worker with use_gpu. A fraction (0.5, 0.25) packs "
+                                      "several 4-bit trials of a sweep on one large GPU: Ray shares the GPU but "
+                                      "not its memory, so pick a fraction whose share of the GPU's memory holds a "
+                                      "trial's peak (bench/gpu.py measures it). Above 1: a whole number.")
     cpus_per_worker: float = doc(0.5, "CPUs reserved per Train worker. Fractional on small machines: a worker "
                                       "holding a whole CPU starves Ray Data's tasks on 2 cores and the run hangs.")
     data_cpus_per_task: float = doc(0.25, "CPUs per Ray Data preprocessing task.")
@@ -332,6 +341,11 @@ def validate(cfg: Config) -> Config:
     if cfg.resources.cpus_per_worker <= 0 or cfg.resources.data_cpus_per_task <= 0:
         raise ConfigError("resources.cpus_per_worker and data_cpus_per_task: must be > 0")
     validate_eval(cfg)
+    g = cfg.resources.gpus_per_worker
+    if g <= 0 or (g > 1 and g != int(g)):
+        raise ConfigError(f"resources.gpus_per_worker: must be a fraction in (0, 1] or a whole number, got {g}")
+    if cfg.model.attn_implementation == "flash_attention_2" and not cfg.resources.use_gpu:
+        raise ConfigError("model.attn_implementation=flash_attention_2 needs resources.use_gpu=true (CUDA only)")
     return cfg
 
 

@@ -19,6 +19,7 @@ Plain functions (GUIDE §2.5). The two entry points:
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -137,12 +138,61 @@ def disable_bnb_cpu_repack(model) -> int:
     return n
 
 
-def _default_device_map(use_gpu: bool):
+def cuda_index(env: Mapping[str, str], device_count: int, current: int) -> int:
+    """Which visible GPU a process's model goes on, from its environment ``env`` (``os.environ``):
+
+    1. ``ACCELERATE_TORCH_DEVICE`` ('cuda:N'): Ray Train sets it in every worker to ``ray.train.torch.get_device()``,
+       the GPU Ray assigned (its position in CUDA_VISIBLE_DEVICES, which lists every GPU of the node's workers);
+    2. ``LOCAL_RANK``: launchers that start one process per GPU of a node (torchrun; Ray sets it too);
+    3. ``current``, the current CUDA device: 0 in a plain process, e.g. a process alone on its GPU.
+
+    An index beyond the ``device_count`` visible GPUs is an error naming its source: wrapping it around would put
+    two ranks on one GPU without a word."""
+    device = env.get("ACCELERATE_TORCH_DEVICE", "")
+    if device.startswith("cuda"):
+        source, index = "ACCELERATE_TORCH_DEVICE", int(device.partition(":")[2] or 0)
+    elif env.get("LOCAL_RANK", "").strip():
+        source, index = "LOCAL_RANK", int(env["LOCAL_RANK"])
+    else:
+        source, index = "the current CUDA device", current
+    if not 0 <= index < device_count:
+        raise RuntimeError(f"{source} selects GPU {index}, but this process sees {device_count} GPU(s) "
+                           f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '<unset>')})")
+    return index
+
+
+def worker_device(use_gpu: bool) -> "torch.device":
+    """The device of this process's model: its local rank's GPU (``cuda_index``) when ``use_gpu`` and CUDA is
+    visible, else the CPU."""
     import torch
 
     if use_gpu and torch.cuda.is_available():
-        return {"": torch.cuda.current_device()}  # the worker's one GPU (Ray sets CUDA_VISIBLE_DEVICES)
-    return {"": "cpu"}
+        return torch.device("cuda", cuda_index(os.environ, torch.cuda.device_count(), torch.cuda.current_device()))
+    return torch.device("cpu")
+
+
+def _default_device_map(use_gpu: bool) -> dict:
+    device = worker_device(use_gpu)
+    return {"": device.index if device.type == "cuda" else "cpu"}  # the whole model on one device
+
+
+def gpu_memory(device) -> dict:
+    """CUDA memory of ``device`` in GiB -- ``gpu_allocated_gib``/``gpu_reserved_gib`` now and their peaks since the
+    previous call (``gpu_peak_allocated_gib``/``gpu_peak_reserved_gib``; the peaks are reset, so each logged window
+    reports its own) -- or {} on a CPU. Reserved is what the caching allocator holds (what nvidia-smi shows of this
+    process, less the CUDA context); allocated is what tensors use."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {}
+    gib = 2.0**30
+    out = {"gpu_allocated_gib": torch.cuda.memory_allocated(device) / gib,
+           "gpu_reserved_gib": torch.cuda.memory_reserved(device) / gib,
+           "gpu_peak_allocated_gib": torch.cuda.max_memory_allocated(device) / gib,
+           "gpu_peak_reserved_gib": torch.cuda.max_memory_reserved(device) / gib}
+    torch.cuda.reset_peak_memory_stats(device)
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 def load_base_model(mcfg: ModelConfig, use_gpu: bool, device_map=None, training: bool = True):
@@ -152,13 +202,14 @@ def load_base_model(mcfg: ModelConfig, use_gpu: bool, device_map=None, training:
     non-quantized bf16/fp16 parameters, e.g. norms, embeddings and lm_head, to fp32 for stable training -- a no-op on
     CPU, where everything is already fp32); activation (gradient) checkpointing is turned on when
     ``mcfg.gradient_checkpointing``. ``training=False`` skips both: inference keeps the compute dtype, in eval mode.
+    Attention kernels: ``mcfg.attn_implementation``; the device: this process's GPU (``worker_device``) or the CPU.
     """
     from transformers import Idefics2ForConditionalGeneration
 
     dtype = compute_dtype(mcfg, use_gpu)
     quant = build_quantization_config(mcfg, dtype)
     model = Idefics2ForConditionalGeneration.from_pretrained(
-        resolve_model_path(mcfg), dtype=dtype, quantization_config=quant,
+        resolve_model_path(mcfg), dtype=dtype, quantization_config=quant, attn_implementation=mcfg.attn_implementation,
         device_map=device_map if device_map is not None else _default_device_map(use_gpu))
     if quant is not None:
         disable_bnb_cpu_repack(model)  # matters on CPU only; a no-op flag on GPU
@@ -170,16 +221,27 @@ def load_base_model(mcfg: ModelConfig, use_gpu: bool, device_map=None, training:
         for p in model.parameters():
             p.requires_grad_(False)
     if training and mcfg.gradient_checkpointing:
-        # Non-reentrant: gradients reach the LoRA weights without the inputs requiring grad.
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x name
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False  # a KV cache is useless in training and incompatible with checkpointing
+        set_activation_checkpointing(model, True)
     if not training:
         model.eval()
     return model
+
+
+def set_activation_checkpointing(model, enabled: bool) -> None:
+    """Turn activation (gradient) checkpointing of a transformers model on or off. On: non-reentrant, so gradients
+    reach the LoRA weights without the inputs requiring grad, and no KV cache (useless in training, incompatible
+    with checkpointing)."""
+    new_name = hasattr(model, "activation_checkpointing_enable")  # transformers >= 5.2x; older: gradient_...
+    if enabled:
+        if new_name:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    elif new_name:
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
 
 
 # ------------------------------------------------------------------------------------------------- adapters

@@ -15,7 +15,8 @@ Fields left out of the hash (``ID_EXCLUDED``) are the ones that cannot change th
 - ``model.cache_dir``: where the tiny model is built and cached (the tiny model is a function of ``model.seed``,
   which is hashed).
 - ``resources.cpus_per_worker``, ``resources.data_cpus_per_task``, ``resources.data_concurrency``,
-  ``resources.num_cpus``: CPU scheduling only.
+  ``resources.num_cpus``, ``resources.gpus_per_worker``: CPU and GPU scheduling only (a worker on a quarter of a GPU
+  computes what it computes on a whole one).
 - ``eval``: evaluation settings cannot change the trained weights; the predictions are keyed by what produced them
   (``medvqa.predictions``), not by the run id.
 
@@ -30,7 +31,8 @@ Layout (``RunDir``)::
 
     <output_dir>/<run_id>/    (a relative output_dir is taken relative to $MEDVQA_RUNS_BASE when set, else the cwd)
       config.yaml          resolved config (re-written on resume; only hashed fields must match)
-      environment.json     python, platform, package versions, code version (git / source hash), CUDA if known
+      environment.json     python, platform, package versions, code version (git / source hash), CUDA if known;
+                           ``workers``: per stage, each Train worker's host, GPU, capability and CUDA version
       metrics.jsonl        one JSON object per line, each with a wall-clock ``time`` (seconds since the epoch)
       manifest.json        run-level manifest (stage data manifests live in data/<stage>/manifest.json)
       stages.json          per-stage summaries written by the training driver
@@ -80,6 +82,7 @@ ID_EXCLUDED: tuple[str, ...] = (
     "resources.data_concurrency",
     "resources.num_cpus",
     "eval",
+    "resources.gpus_per_worker",
 )
 """Dotted config keys that do not enter the run id (see the module docstring for why)."""
 
@@ -360,6 +363,29 @@ def environment() -> dict:
     return env
 
 
+def worker_facts(device, rank: int = 0) -> dict:
+    """What one Train worker ran on, for environment.json's ``workers``: host, rank, device, torch and the CUDA it was
+    built for, and on a CUDA ``device`` the GPU's name, compute capability, memory and the driver-visible GPUs. Reads
+    torch from ``sys.modules`` (a worker has imported it)."""
+    torch = sys.modules["torch"]
+    facts: dict[str, Any] = {"hostname": platform.node(), "rank": rank, "device": str(device),
+                             "torch": torch.__version__, "cuda": torch.version.cuda}
+    if str(device).startswith("cuda"):
+        props = torch.cuda.get_device_properties(device)
+        facts.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
+                     memory_gib=round(props.total_memory / 2**30, 1),
+                     cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return facts
+
+
+def record_workers(run_dir: RunDir, stage: str, workers: list[dict]) -> None:
+    """Put a stage's ``worker_facts`` (one per rank) into environment.json under ``workers.<stage>``. Called by rank
+    0 only, while the driver waits for the stage, so the file has one writer."""
+    env = read_json(run_dir.environment, {})
+    env.setdefault("workers", {})[stage] = workers
+    write_json(run_dir.environment, env)
+
+
 def _ray_job_submission_id() -> str | None:
     """The ``ray job submit`` id (``raysubmit_…``) when this process is a submitted job's driver: Ray passes it in the
     job config's metadata (``RAY_JOB_CONFIG_JSON_ENV_VAR``); there is no plain env var for it."""
@@ -370,7 +396,7 @@ def _ray_job_submission_id() -> str | None:
     return meta.get("job_submission_id")
 
 
-_VOLATILE = ("time", "argv", "hostname", "ray_job_submission_id", "run_dir", "previous")
+_VOLATILE = ("time", "argv", "hostname", "ray_job_submission_id", "run_dir", "previous", "workers")
 
 
 def _write_environment(rd: RunDir) -> None:
@@ -388,6 +414,8 @@ def _write_environment(rd: RunDir) -> None:
             previous.append(old)
         if previous:
             env["previous"] = previous
+        if old.get("workers"):
+            env["workers"] = old["workers"]  # finished stages' workers; a resumed stage's workers replace theirs
     write_json(rd.environment, env)
 
 

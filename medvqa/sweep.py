@@ -257,24 +257,26 @@ def cluster_max_resources(launcher_config: str | os.PathLike = LAUNCHER_CONFIG) 
 
 def max_concurrent_trials(space: SweepSpace, present: dict, maximum: dict | None = None) -> int:
     """Trials that run at once: ``max_concurrent`` when given; else (at most ``num_samples``) the GPUs over the GPUs a
-    trial's workers take (a GPU run), or the CPUs over a trial's Train workers and data tasks (a CPU run), counting
-    the most the cluster can scale to (``maximum``, from ``cluster_max_resources``) or else what is ``present``.
-    An autoscaling cluster whose GPU nodes start at zero has no GPU present: without a known maximum that is an error
+    trial's workers take (``num_workers * gpus_per_worker``: 4 trials per GPU at 0.25; a GPU run), or the CPUs over a
+    trial's Train workers and data tasks (a CPU run), counting the most the cluster can scale to (``maximum``, from
+    ``cluster_max_resources``) or else what is ``present``. An autoscaling cluster whose GPU nodes start at zero has no GPU present: without a known maximum that is an error
     saying what to set, never a guess."""
     if space.max_concurrent:
         return space.max_concurrent
     r = space.base_config().resources
     have = {k: max(present.get(k, 0), (maximum or {}).get(k, 0)) for k in ("CPU", "GPU")}
     if r.use_gpu:
-        if have["GPU"] < r.num_workers:
+        per_trial = r.num_workers * r.gpus_per_worker  # fractions pack trials: 4 per GPU at 0.25
+        if have["GPU"] < per_trial:
             seen = ("at most, by its autoscaling config" if maximum else
                     "now, and Ray publishes no autoscaling maximum for it (an autoscaling cluster may start its GPU "
                     "nodes on demand, from zero, as on KubeRay)")
             raise RuntimeError(
-                f"the cluster has {have['GPU']:g} GPU(s) {seen}; a trial needs {r.num_workers} "
-                "(resources.num_workers). Set how many trials run at once: max_concurrent in the search space "
-                f"({space.name}) or --max-concurrent N, with N = the GPUs the cluster can scale to / {r.num_workers}")
-        derived = int(have["GPU"] // r.num_workers)
+                f"the cluster has {have['GPU']:g} GPU(s) {seen}; a trial needs {per_trial:g} "
+                "(resources.num_workers x resources.gpus_per_worker). Set how many trials run at once: max_concurrent "
+                f"in the search space ({space.name}) or --max-concurrent N, with N = the GPUs the cluster can scale "
+                f"to / {per_trial:g}")
+        derived = int(have["GPU"] / per_trial + 1e-9)
     else:
         per_trial = r.num_workers * r.cpus_per_worker + r.data_concurrency * r.data_cpus_per_task
         derived = max(1, int(have["CPU"] // per_trial))

@@ -80,20 +80,28 @@ def _corpus(seed: int) -> list[str]:
     return lines
 
 
-def build_tokenizer(seed: int = 0):
-    """A byte-level BPE (every string encodes, no <unk>) trained on the built-in corpus, wrapped as a transformers
-    tokenizer with Idefics2's special tokens; bos is prepended like Mistral's tokenizer does."""
+def train_bpe(seed: int, special_tokens: list[str]):
+    """A byte-level BPE (every string encodes, no <unk>) of at most ``VOCAB_SIZE`` tokens trained on the built-in
+    corpus, ``special_tokens`` first (ids 0, 1, ...). A ``tokenizers.Tokenizer``; ``wrap_tokenizer`` makes it a
+    transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, min_frequency=2, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, min_frequency=2, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    return tok
+
+
+def wrap_tokenizer(tok, pad_token: str):
+    """``tok`` (holding Idefics2's special tokens) as a transformers tokenizer; bos is prepended like Mistral's
+    tokenizer does."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token=pad_token,
         add_bos_token=True, add_eos_token=False, model_max_length=4096,
         # Named so Idefics2Processor finds tokenizer.image_token / image_boundary_token (transformers 5).
         extra_special_tokens={"image_token": "<image>", "image_boundary_token": "<fake_token_around_image>",
@@ -101,21 +109,42 @@ def build_tokenizer(seed: int = 0):
     )
 
 
-def build_processor(tokenizer):
+def build_tokenizer(seed: int = 0):
+    """The tiny tokenizer: the trained BPE with all seven special tokens at ids 0-6 and its own <pad>."""
+    return wrap_tokenizer(train_bpe(seed, SPECIAL_TOKENS), pad_token="<pad>")
+
+
+def build_processor(tokenizer, image_seq_len: int = IMAGE_SEQ_LEN, shortest_edge: int = IMAGE_SIZE,
+                    longest_edge: int = IMAGE_SIZE):
+    """Idefics2Processor with image splitting off (on the object, GUIDE §5) and ``image_seq_len`` <image> tokens per
+    image. The tiny model's shortest_edge = longest_edge keeps the 64-pixel images whole."""
     from transformers import Idefics2ImageProcessorPil, Idefics2Processor
 
-    # Splitting off on the object (GUIDE §5); shortest_edge = longest_edge keeps the 64-pixel images whole.
     image_processor = Idefics2ImageProcessorPil(
-        do_image_splitting=False, size={"shortest_edge": IMAGE_SIZE, "longest_edge": IMAGE_SIZE})
-    return Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=IMAGE_SEQ_LEN,
+        do_image_splitting=False, size={"shortest_edge": shortest_edge, "longest_edge": longest_edge})
+    return Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_seq_len,
                              chat_template=CHAT_TEMPLATE)
+
+
+def token_ids(tokenizer) -> dict:
+    """``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` of ``tokenizer``, for model and generation configs."""
+    return {k: tokenizer.convert_tokens_to_ids(t) for k, t in
+            (("bos_token_id", "<s>"), ("eos_token_id", "</s>"), ("pad_token_id", tokenizer.pad_token))}
+
+
+def generation_config(tokenizer):
+    """Greedy defaults that stop at the end of the utterance, like Idefics2-8B's."""
+    from transformers import GenerationConfig
+
+    ids = token_ids(tokenizer)
+    return GenerationConfig(bos_token_id=ids["bos_token_id"], pad_token_id=ids["pad_token_id"],
+                            eos_token_id=[ids["eos_token_id"], tokenizer.convert_tokens_to_ids("<end_of_utterance>")])
 
 
 def build_config(tokenizer):
     from transformers import Idefics2Config
 
-    ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in
-           (("bos_token_id", "<s>"), ("eos_token_id", "</s>"), ("pad_token_id", "<pad>"))}
+    ids = token_ids(tokenizer)
     return Idefics2Config(
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         tie_word_embeddings=False,
@@ -178,7 +207,7 @@ def init_weights(model, seed: int, **overrides) -> None:
 def make_tiny(seed: int = 0):
     """(model, processor) in memory: the random Idefics2ForConditionalGeneration and its processor."""
     import torch
-    from transformers import GenerationConfig, Idefics2ForConditionalGeneration
+    from transformers import Idefics2ForConditionalGeneration
 
     processor = build_processor(build_tokenizer(seed))
     config = build_config(processor.tokenizer)
@@ -189,10 +218,7 @@ def make_tiny(seed: int = 0):
     # tiny model's learning, and its use of the image, show up as a falling loss.
     torch.nn.init.normal_(model.lm_head.weight, std=0.2, generator=torch.Generator().manual_seed(seed))
     init_weights(model, seed)
-    eou = processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
-    model.generation_config = GenerationConfig(  # stop at the end of the utterance, like Idefics2-8B
-        bos_token_id=config.text_config.bos_token_id, pad_token_id=config.text_config.pad_token_id,
-        eos_token_id=[config.text_config.eos_token_id, eou])
+    model.generation_config = generation_config(processor.tokenizer)
     return model, processor
 
 

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from medvqa.config import Config, StageConfig, from_dict, to_dict
+from medvqa.config import Config, ResourcesConfig, StageConfig, from_dict, to_dict
 from medvqa.ray_init import init_ray
 from medvqa.runs import RunDir
 
@@ -107,8 +107,8 @@ def train_fn_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
 
     from medvqa.data.pipeline import collate_fn_for
-    from medvqa.model import load_processor, save_adapter, trainable_adapter
-    from medvqa.runs import append_metrics
+    from medvqa.model import gpu_memory, load_processor, save_adapter, trainable_adapter
+    from medvqa.runs import append_metrics, record_workers, worker_facts
 
     cfg: Config = from_dict(config["cfg"])
     stage_name: str = config["stage"]
@@ -118,6 +118,9 @@ def train_fn_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = cfg.resources.use_gpu and torch.cuda.is_available()
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    workers = gather_from_workers(worker_facts(device, rank))
+    if rank == 0:
+        record_workers(run_dir, stage_name, workers)  # every worker's GPU and CUDA, not only the driver's
 
     torch.manual_seed(cfg.run.seed)  # same LoRA init on every rank (DDP also broadcasts rank 0's at wrap time)
     model = build_model_for_stage(cfg, stage_name, run_dir, use_gpu)
@@ -203,12 +206,13 @@ def train_fn_per_worker(config: dict) -> None:
                 last = {"stage": stage_name, "step": step, "total_steps": num_steps, "epoch": epoch,
                         "loss": loss_window / max(micro_window, 1), "lr": scheduler.get_last_lr()[0],
                         "samples_per_s": samples_window * world / elapsed,
-                        "tokens_per_s": tokens_window * world / elapsed}
+                        "tokens_per_s": tokens_window * world / elapsed, **gpu_memory(device)}
                 if rank == 0:
                     append_metrics(run_dir, last)
-                    log.info("[%s] step %d/%d (%.0f%%) loss %.4f lr %.2e %.1f samples/s %.0f tokens/s", stage_name,
+                    log.info("[%s] step %d/%d (%.0f%%) loss %.4f lr %.2e %.1f samples/s %.0f tokens/s%s", stage_name,
                              step, num_steps, 100 * step / num_steps, last["loss"], last["lr"],
-                             last["samples_per_s"], last["tokens_per_s"])
+                             last["samples_per_s"], last["tokens_per_s"],
+                             f" GPU peak {last['gpu_peak_reserved_gib']:.1f} GiB" if use_gpu else "")
                 t_window, samples_window, tokens_window, loss_window, micro_window = time.perf_counter(), 0, 0, 0.0, 0
             # ray.train.report blocks until the Train controller polls the worker (every 2 s by default), so metrics
             # go to Ray (the dashboard's Train view) only with checkpoints; every logged step goes to the job log and
@@ -243,7 +247,24 @@ def train_fn_per_worker(config: dict) -> None:
         log.info("[%s] finished at step %d; adapter saved to %s", stage_name, step, run_dir.adapter(stage_name))
 
 
+def gather_from_workers(obj) -> list:
+    """``obj`` of every Train worker, in rank order (``[obj]`` without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- driver
+
+
+def worker_resources(resources: ResourcesConfig) -> dict:
+    """Ray resources of one Train worker: its CPUs and, with ``use_gpu``, ``gpus_per_worker`` GPUs (a fraction
+    lets several trials' workers share one GPU)."""
+    return {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if resources.use_gpu else {})}
 
 
 def fit_stage(cfg: Config, stage_name: str, run_dir: RunDir, model_path: str, callbacks: list | None = None) -> dict:
@@ -278,8 +299,7 @@ def fit_stage(cfg: Config, stage_name: str, run_dir: RunDir, model_path: str, ca
         train_fn_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
-                                               resources_per_worker={"CPU": r.cpus_per_worker,
-                                                                     **({"GPU": 1} if r.use_gpu else {})}),
+                                               resources_per_worker=worker_resources(r)),
         run_config=ray.train.RunConfig(
             name=stage_name, storage_path=str(run_dir.checkpoints()),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
