@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -39,18 +40,26 @@ def _load(preset: str, overrides: Optional[List[str]]):
 
 @app.command()
 def train(overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. stage2.lr=1e-4"),
-          preset: str = typer.Option("tiny", help="Preset name (see `medvqa presets`) or a YAML path.")) -> None:
-    """Run the two-stage fine-tuning job (same as `python jobs/two_stage.py`)."""
-    cfg = _load(preset, overrides)
+          preset: str = typer.Option("tiny", help="Preset name (see `medvqa presets`) or a YAML path."),
+          verbose: bool = typer.Option(False, "--verbose", help="Show Ray's own output too (= run.verbose=true).")
+          ) -> None:
+    """Run the two-stage fine-tuning job (same as `python jobs/two_stage.py`). The terminal shows a progress bar per
+    stage; everything else goes to RUN_DIR/logs/train.log (--verbose: to the terminal too)."""
+    cfg = _load(preset, [*(overrides or []), *(["run.verbose=true"] if verbose else [])])
     setup_logging()
     from medvqa.data.pipeline import TooManyRejects
+    from medvqa.observe import session
     from medvqa.train import run_two_stage
 
     try:
-        run_dir = run_two_stage(cfg)
-    except TooManyRejects as e:
-        typer.echo(f"data error: {e}", err=True)
-        raise typer.Exit(3)
+        with session(cfg, "train", preset=preset, shutdown_ray=True):
+            run_dir = run_two_stage(cfg)
+    except TooManyRejects:
+        raise typer.Exit(3)  # the session printed the cause and where the full log is
+    except Exception:
+        if cfg.run.verbose:
+            raise
+        raise typer.Exit(1)
     typer.echo(f"run dir: {run_dir}")
 
 
@@ -219,6 +228,9 @@ def report(run_dir: str = typer.Argument(..., help="Run directory with eval/metr
     except (FileNotFoundError, HumanEvalError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    from medvqa.tracking import log_artifacts
+
+    log_artifacts(run_dir, Path(run_dir) / "report", "report")  # to the run's MLflow run, when it is tracked
     typer.echo(json.dumps(out))
 
 

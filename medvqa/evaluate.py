@@ -509,8 +509,10 @@ def run_matrix(cfg: Config | Mapping, models: Mapping[str, str | os.PathLike | N
                 rows_predicted[key] = rows_predicted.get(key, 0) + 1
             rows += group_by_image([{**r, "model": name} for r in pending])  # model-major: features are per model
     if rows:
-        for df in _predict_rows(rows, cfg, todo, max_new_tokens, concurrency, cpus_per_actor, batch_size,
-                                feature_cache_mb):
+        from medvqa.observe import eval_stream  # a progress bar and Ray metrics over the streamed answers
+
+        for df in eval_stream(cfg, rows, _predict_rows(rows, cfg, todo, max_new_tokens, concurrency, cpus_per_actor,
+                                                       batch_size, feature_cache_mb)):
             for name, part in df.groupby("model", sort=False):
                 writers[str(name)].add(part)
                 if progress is not None:
@@ -623,7 +625,11 @@ def evaluate_run(run_dir: str | os.PathLike, single_stage: str | os.PathLike | N
                 models[key] = rd
         else:
             models[name] = run_dir
-    return run_matrix(cfg, models, test, Path(run_dir) / "eval", conditions=conditions, seed=seed,
-                      max_new_tokens=max_new_tokens, concurrency=concurrency, cpus_per_actor=cpus_per_actor,
-                      batch_size=batch_size, medhalt_path=medhalt_path, medhalt_limit=medhalt_limit,
-                      ood_records=ood_records, feature_cache_mb=feature_cache_mb)
+    out = run_matrix(cfg, models, test, Path(run_dir) / "eval", conditions=conditions, seed=seed,
+                     max_new_tokens=max_new_tokens, concurrency=concurrency, cpus_per_actor=cpus_per_actor,
+                     batch_size=batch_size, medhalt_path=medhalt_path, medhalt_limit=medhalt_limit,
+                     ood_records=ood_records, feature_cache_mb=feature_cache_mb)
+    from medvqa.tracking import log_evaluation  # per-cell metrics to the run's MLflow run (run.tracking=mlflow)
+
+    log_evaluation(cfg, run_dir, out["metrics"])
+    return out

@@ -12,6 +12,7 @@ Fields left out of the hash (``ID_EXCLUDED``) are the ones that cannot change th
 - ``run.log_every_n_steps``, ``run.checkpoint_every_n_steps``, ``run.max_failures``: logging, checkpoint cadence and
   fault tolerance; resuming is exact (optimizer, scheduler and data position are checkpointed), so they only decide
   how much work a failure costs.
+- ``run.tracking*``, ``run.verbose``: where the numbers are also sent (MLflow) and what the terminal shows.
 - ``model.cache_dir``: where the tiny model is built and cached (the tiny model is a function of ``model.seed``,
   which is hashed).
 - ``resources.cpus_per_worker``, ``resources.data_cpus_per_task``, ``resources.data_concurrency``,
@@ -38,6 +39,8 @@ Layout (``RunDir``)::
       adapters/<stage>/    the finished stage's LoRA adapter
       predictions/         evaluation predictions (parquet)
       report/              tables and plots
+      logs/<command>.log   everything a calm console keeps off the terminal (Ray output, worker logs, tracebacks)
+      tracking.json        MLflow tracking URI and run id of this run (when run.tracking=mlflow)
       ray/                 other Ray Train / Tune storage (e.g. sweeps)
 
 This module imports neither torch nor ray.
@@ -71,6 +74,11 @@ ID_EXCLUDED: tuple[str, ...] = (
     "run.log_every_n_steps",
     "run.checkpoint_every_n_steps",
     "run.max_failures",
+    "run.tracking",
+    "run.tracking_uri",
+    "run.tracking_experiment",
+    "run.tracking_adapters",
+    "run.verbose",
     "model.cache_dir",
     "resources.cpus_per_worker",
     "resources.data_cpus_per_task",
@@ -165,6 +173,11 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.path / "report"
+
+    @property
+    def logs(self) -> Path:
+        """Per-command logs (``train.log``, ``eval.log``): everything the terminal does not show (medvqa.console)."""
+        return self.path / "logs"
 
     @property
     def ray(self) -> Path:
@@ -367,16 +380,21 @@ def _as_path(run_dir: RunDir | str | os.PathLike) -> Path:
 
 
 def append_metrics(run_dir: RunDir | str | os.PathLike, record: dict) -> None:
-    """Append one JSON line to ``metrics.jsonl`` with a wall-clock ``time`` (unless the record has one).
+    """Append one JSON line to ``metrics.jsonl`` with a wall-clock ``time`` (unless the record has one), and pass the
+    record on to MLflow, the Ray metrics and the driver's progress bars (``medvqa.observe.on_record``).
 
     One ``write`` on an ``O_APPEND`` descriptor, so lines from the driver and a Train worker do not interleave."""
     path = _as_path(run_dir) / "metrics.jsonl"
-    line = json.dumps({**record, "time": record.get("time", time.time())}, default=str) + "\n"
+    record = {**record, "time": record.get("time", time.time())}
+    line = json.dumps(record, default=str) + "\n"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())
     finally:
         os.close(fd)  # unbuffered: the line is in the file once write returns
+    from medvqa.observe import on_record  # MLflow, Ray metrics, progress bars; imports neither ray nor mlflow
+
+    on_record(path.parent, record)
 
 
 def read_metrics(run_dir: RunDir | str | os.PathLike) -> list[dict]:

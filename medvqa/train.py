@@ -275,12 +275,15 @@ def fit_stage(cfg: Config, stage_name: str, run_dir: RunDir, model_path: str, ca
     from ray.train.torch import TorchTrainer
 
     from medvqa.data.pipeline import prepare_records, training_dataset
+    from medvqa.runs import append_metrics
 
     stage: StageConfig = getattr(cfg, stage_name)
     manifest = prepare_records(stage.data, run_dir.data(stage_name), run_dir.rejects(stage_name),
                                cfg.resources, cfg.run.max_reject_fraction)
     log.info("[%s] data: %d valid, %d rejected (%s)", stage_name, manifest["valid"], manifest["rejected"],
              manifest["reject_reasons"] or "no rejects")
+    append_metrics(run_dir, {"stage": stage_name, "event": "data", "records": manifest["valid"],
+                             "rejected": manifest["rejected"], "reject_reasons": manifest["reject_reasons"]})
     loop_config = {"cfg": to_dict(cfg), "stage": stage_name, "run_dir": str(run_dir.path),
                    "num_records": manifest["valid"]}
     if stage.data.validation_fraction:
