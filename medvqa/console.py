@@ -1,8 +1,9 @@
 """A calm terminal: one progress bar per training stage and evaluation pass, our own log lines, nothing else.
 
-``calm(log_path)`` routes everything a process prints (``sys.stdout``/``sys.stderr``: Ray's execution plans, the
-worker output Ray forwards to the driver, checkpoint paths, tracebacks) and every log record to ``log_path``, and shows
-on the terminal only the ``medvqa.*`` log lines, errors, and the progress bars of a ``Console``. ``verbose=True``
+``calm(log_path)`` routes everything a process prints (``sys.stdout``/``sys.stderr`` and file descriptors 1 and 2:
+Ray's execution plans, the worker output Ray forwards to the driver, checkpoint paths, C++ warnings, tracebacks) and
+every log record to ``log_path``, and shows on the terminal only the ``medvqa.*`` log lines, errors, and the progress
+bars of a ``Console``. ``verbose=True``
 leaves the terminal as it is (everything shows) and also writes the log records to ``log_path``.
 
 Progress crosses processes through Ray, not through worker stdout: the rank-0 Train worker ``publish``es each
@@ -17,6 +18,7 @@ of the stage and at least every ``every_s`` seconds, so a log stays short.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import sys
@@ -37,7 +39,7 @@ _LOOKUP_RETRY_S = 5.0  # a worker that found no board looks again after this lon
 
 
 def format_duration(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds or seconds == float("inf"):
+    if seconds is None or not math.isfinite(seconds):
         return "?"
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -142,15 +144,15 @@ class Console:
                 self.bar.draw()
             self.stream.flush()
 
-    def progress(self, key: str, done: int, total: int | None, fields: Mapping[str, str] = (),
-                 label: str | None = None) -> None:
-        """Update bar ``key`` (opening it, and closing another one, as needed); a finished key stays closed."""
+    def progress(self, key: str, done: int, total: int | None, fields: Mapping[str, str] = ()) -> None:
+        """Update bar ``key`` (its label; opening it, and closing another one, as needed); a finished key stays
+        closed."""
         with self.lock:
             if key in self.finished:
                 return
             if self.key != key:
                 self.finish()
-                self.bar, self.key = ProgressBar(self.stream, label or key, self.tty, self.every_s), key
+                self.bar, self.key = ProgressBar(self.stream, key, self.tty, self.every_s), key
             self.bar.update(done, total, fields)
 
     def finish(self, key: str | None = None, note: str = "") -> None:
@@ -309,10 +311,17 @@ def board_name(run: str) -> str:
 
 
 _handles: dict[str, tuple[object | None, float]] = {}  # run -> (board handle or None, when looked up)
+_watchers: dict[str, "BoardWatcher"] = {}  # run -> the watcher drawing it in this process (the driver)
 
 
 def publish(run: str, record: Mapping) -> None:
-    """Send a record to the run's progress board without waiting (no board: nothing happens). Needs Ray."""
+    """Send a record to the run's progress board without waiting (no board: nothing happens). Needs Ray. In the
+    driver, whose watcher draws the run, the record is shown at once instead: a stage's end closes its bar before
+    the driver's next log line."""
+    watcher = _watchers.get(run)
+    if watcher is not None:
+        watcher.show_now(record)
+        return
     import ray
 
     handle, when = _handles.get(run, (None, float("-inf")))
@@ -333,18 +342,21 @@ class BoardWatcher:
         self.console, self.run, self.interval_s = console, run, interval_s
         self.board = None
         self.seq = 0
+        self._lock = threading.Lock()  # the thread polls, the driver's own records arrive on the main thread
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="medvqa-progress", daemon=True)
 
     def start(self) -> "BoardWatcher":
+        _watchers[self.run] = self
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        _watchers.pop(self.run, None)
         try:
-            self.poll()  # the last records (a stage's end) before the bars close
+            self.poll()  # the last records before the bars close
         except Exception as e:  # noqa: BLE001 -- e.g. Ray already gone after a failure
             log.debug("last progress poll failed: %s", e)
 
@@ -356,22 +368,29 @@ class BoardWatcher:
                 log.debug("progress poll failed: %s", e)
 
     def poll(self) -> None:
+        """Draw what the workers sent since the last poll (creating the board once Ray is up)."""
         from medvqa.telemetry import active
 
         if not active():
             return
         import ray
 
-        if self.board is None:
-            self.board = ray.remote(num_cpus=0)(ProgressBoard).options(
-                name=board_name(self.run), namespace=BOARD_NAMESPACE, get_if_exists=True).remote()
-            _handles[self.run] = (self.board, time.monotonic())  # the driver's own records go straight to it
-        seq, stages = ray.get(self.board.snapshot.remote(), timeout=30)
-        if seq == self.seq:
-            return
-        self.seq = seq
-        for stage, record in sorted(stages.items(), key=lambda kv: kv[1]["seq"]):
-            self.show(stage, record)
+        with self._lock:
+            if self.board is None:
+                self.board = ray.remote(num_cpus=0)(ProgressBoard).options(
+                    name=board_name(self.run), namespace=BOARD_NAMESPACE, get_if_exists=True).remote()
+            seq, stages = ray.get(self.board.snapshot.remote(), timeout=30)
+            if seq == self.seq:
+                return
+            self.seq = seq
+            for stage, record in sorted(stages.items(), key=lambda kv: kv[1]["seq"]):
+                self.show(str(stage), record)
+
+    def show_now(self, record: Mapping) -> None:
+        """A record of the driver itself: first the workers' latest (a stage's last step), then this one."""
+        if record.get("event") == "end":
+            self.poll()
+        self.show(str(record.get("stage") or "run"), record)
 
     def show(self, stage: str, record: Mapping) -> None:
         if record.get("event") == "end":

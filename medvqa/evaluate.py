@@ -631,5 +631,5 @@ def evaluate_run(run_dir: str | os.PathLike, single_stage: str | os.PathLike | N
                      ood_records=ood_records, feature_cache_mb=feature_cache_mb)
     from medvqa.tracking import log_evaluation  # per-cell metrics to the run's MLflow run (run.tracking=mlflow)
 
-    log_evaluation(cfg, run_dir, out["metrics"])
+    log_evaluation(cfg, run_dir, out.get("metrics", {}))
     return out

@@ -56,7 +56,8 @@ RUN_TAG = "medvqa.run_id"
 SWEEP_TAG = "medvqa.sweep"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the run under its parent
 PARAM_VALUE_LIMIT = 6000  # MLflow's MAX_PARAM_VAL_LENGTH (mlflow.utils.validation); longer values are cut
-PARAMS_PER_CALL = 100  # MLflow's MAX_PARAMS_TAGS_PER_BATCH
+PARAMS_PER_CALL = 100  # MLflow's MAX_PARAMS_TAGS_PER_BATCH (params and tags together)
+METRICS_PER_CALL = 1000  # MLflow's MAX_METRICS_PER_BATCH
 NOT_METRICS = ("step", "total_steps", "time")  # record fields that are coordinates, not measurements
 
 
@@ -188,7 +189,7 @@ def _open(session_path: Path, uri: str, experiment: str | None, tag: str, name: 
           tags: Mapping[str, str], running: bool, experiment_id: str | None = None) -> dict:
     """Find or create the MLflow run of ``session_path``'s directory, log the params it lacks and the tags, write
     the session file; returns the session."""
-    from mlflow.entities import Param
+    from mlflow.entities import Param, RunTag
 
     client = _client(uri)
     experiment_id = experiment_id or _experiment_id(client, experiment, uri)
@@ -200,11 +201,11 @@ def _open(session_path: Path, uri: str, experiment: str | None, tag: str, name: 
     else:
         log.info("MLflow: continuing run %s (%s) in %s", run_id, name, uri)
     have = client.get_run(run_id).data.params
-    new = [Param(k, v) for k, v in params.items() if k not in have]
-    for i in range(0, len(new), PARAMS_PER_CALL):
-        client.log_batch(run_id, params=new[i:i + PARAMS_PER_CALL])
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+    entries = [RunTag(k, v) for k, v in tags.items()] + [Param(k, v) for k, v in params.items() if k not in have]
+    for i in range(0, len(entries), PARAMS_PER_CALL):
+        chunk = entries[i:i + PARAMS_PER_CALL]
+        client.log_batch(run_id, params=[e for e in chunk if isinstance(e, Param)],
+                         tags=[e for e in chunk if isinstance(e, RunTag)])
     client.update_run(run_id, status="RUNNING" if running else "FINISHED")
     session = {"tracking": "mlflow", "uri": uri, "experiment_id": experiment_id, "run_id": run_id}
     write_json(session_path, session)
@@ -319,8 +320,8 @@ def log_metrics(session: Mapping, metrics: Mapping[str, float], step: int = 0, t
     ts = int((timestamp or time.time()) * 1000)
     batch = [Metric(k, v, ts, int(step)) for k, v in metrics.items()]
     client = _client(session["uri"])
-    for i in range(0, len(batch), 1000):  # MLflow's MAX_METRICS_PER_BATCH
-        _safely("log metrics", client.log_batch, session["run_id"], metrics=batch[i:i + 1000])
+    for i in range(0, len(batch), METRICS_PER_CALL):
+        _safely("log metrics", client.log_batch, session["run_id"], metrics=batch[i:i + METRICS_PER_CALL])
 
 
 def log_record(run_dir: str | os.PathLike, record: Mapping) -> None:

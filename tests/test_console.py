@@ -117,3 +117,20 @@ def test_verbose_leaves_the_terminal_alone_and_still_writes_the_log(tmp_path, ca
         logging.getLogger("medvqa.train").info("our line")
     assert "ray output" in capsys.readouterr().out
     assert "our line" in (rd.logs / "train.log").read_text()
+
+
+def test_the_drivers_stage_end_closes_the_bar_before_its_next_log_line(monkeypatch):
+    from medvqa import telemetry
+
+    monkeypatch.setattr(telemetry, "active", lambda: False)  # no Ray here: the watcher has no board to poll
+    out = io.StringIO()
+    con = console.Console(out, tty=True)
+    watcher = console.BoardWatcher(con, "tiny-abc").start()
+    try:
+        watcher.show("stage1", {"stage": "stage1", "step": 10, "total_steps": 10, "loss": 0.5})  # the worker's last
+        console.publish("tiny-abc", {"stage": "stage1", "event": "end"})  # the driver, after trainer.fit()
+        con.line("12:00:00 done")
+    finally:
+        watcher.stop()
+    bar = "stage1 [########################] 10/10 100% | loss 0.500"
+    assert out.getvalue() == f"\r\x1b[K{bar}\r\x1b[K{bar}\n12:00:00 done\n"  # closed, then the line
