@@ -317,6 +317,7 @@ def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool =
         from medvqa.sweep_report import write_report
 
         write_report(sdir)
-    tracking.end_sweep(sdir, "FAILED" if errors else "FINISHED", sdir / "report")
+    tracking.end_sweep(sdir, "FAILED" if errors else "FINISHED", sdir / "report",  # MLflow: the parent, stopped trials
+                       [(r.metrics or {}).get("run_dir") for r in results if not r.error])
     log.info("sweep done: %s", sdir)
     return sdir

@@ -27,12 +27,12 @@ sweep would start new runs), nests nothing and sees only what the trial reports 
 per-step curves, which happen inside each trial's own TorchTrainer workers); ``setup_mlflow`` starts a fresh run per
 call in the Tune trainable, where neither the Train workers nor a resumed trial can find it again.
 
-The tracking URI: ``run.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<output_dir>/mlflow.db`` (next to
-the run directories; no server needed). The driver resolves it once (a relative sqlite path becomes absolute) and
-stores it in tracking.json, so workers on other nodes use the same store -- on a multi-node cluster that must be a
-tracking server (``http://...``), not a sqlite file. A store that cannot be opened when a session starts is an error
-(the user asked for tracking); once training runs, a failed call is a warning (once per kind of call) and the run
-goes on.
+The tracking URI: ``run.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<output_dir>/mlflow.db``
+(next to the run directories; no server needed). The driver resolves it once (a relative sqlite path becomes
+absolute) and stores it in tracking.json, so workers on other nodes use the same store -- on a multi-node cluster that
+must be a tracking server (``http://...``), not a sqlite file. A store that cannot be opened when a session starts is
+an error (the user asked for tracking); once training runs, a failed call is a warning (once per kind of call) and the
+run goes on.
 
 ``mlflow`` (mlflow-skinny is enough) is imported only when tracking is on.
 """
@@ -45,7 +45,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from medvqa.runs import git_info, read_json, source_hash, write_json
 
@@ -300,17 +300,22 @@ def end_run(folder: str | os.PathLike, status: str = "FINISHED", upload: Mapping
     _safely("end run", client.set_terminated, session["run_id"], status)
 
 
-def end_sweep(sweep_dir: str | os.PathLike, status: str, report_dir: str | os.PathLike) -> None:
-    """End a sweep's parent run after uploading its report; child runs still RUNNING are marked KILLED: Tune ends
-    a trial that ASHA stops (or that fails hard) by killing its actor, so the trial cannot end its run itself."""
+def end_sweep(sweep_dir: str | os.PathLike, status: str, report_dir: str | os.PathLike,
+              ended_without_error: Iterable[str | os.PathLike] = ()) -> None:
+    """End a sweep's parent run after uploading its report, and give the trials that Tune stopped early (ASHA) the
+    status KILLED: such a trial cannot end its own run -- Tune kills its actor (the run stays RUNNING) or its
+    TorchTrainer fails as the actor goes (the trial marked it FAILED). ``ended_without_error``: the run directories of
+    the trials Tune ended without an error; those not FINISHED were stopped."""
     session = read_session(sweep_dir)
     if session is None:
         return
     client = _client(session["uri"])
-    running = _safely("find trials", client.search_runs, [session["experiment_id"]],
-                      f"tags.`{PARENT_TAG}` = '{session['run_id']}' and attributes.status = 'RUNNING'") or []
-    for run in running:
-        _safely("end trial", client.set_terminated, run.info.run_id, "KILLED")
+    stopped = {s["run_id"] for rd in ended_without_error if rd and (s := read_session(rd))}
+    children = _safely("find trials", client.search_runs, [session["experiment_id"]],
+                       f"tags.`{PARENT_TAG}` = '{session['run_id']}'") or []
+    for run in children:
+        if run.info.status == "RUNNING" or (run.info.run_id in stopped and run.info.status != "FINISHED"):
+            _safely("end trial", client.set_terminated, run.info.run_id, "KILLED")
     end_run(sweep_dir, status, {"report": report_dir})
 
 

@@ -75,8 +75,8 @@ def test_calm_routes_ray_and_print_output_to_the_log_and_our_lines_to_the_termin
     assert len(shown) == 2 and shown[0].endswith(" [stage1] data: 192 valid, 0 rejected")
     assert shown[1].endswith(" ERROR something broke")
     logged = log_path.read_text()
-    for text in ("Checkpoint successfully created", "Execution plan of Dataset", "Progress bars disabled", "core_worker.cc",
-                 "[stage1] data: 192 valid", "Running upgrade"):
+    for text in ("Checkpoint successfully created", "Execution plan of Dataset", "Progress bars disabled",
+                 "core_worker.cc", "[stage1] data: 192 valid", "Running upgrade"):
         assert text in logged, text
 
 

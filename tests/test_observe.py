@@ -115,3 +115,40 @@ def test_the_terminal_shows_bars_and_our_lines_and_the_log_has_the_rest(observed
     assert not any("RayTrainWorker" in line or "Execution plan" in line for line in lines), shown
     log = (rd.logs / "train.log").read_text()
     assert "RayTrainWorker" in log and "Execution plan" in log
+
+
+@pytest.mark.slow
+def test_a_tracked_sweep_is_a_parent_run_with_a_child_run_per_trial(tmp_path):
+    """The tiny sweep (3 trials, ASHA) with run.tracking=mlflow: one parent run with the report, a child per trial
+    with its per-step curves from the trial's Train workers, trials that ASHA stopped marked KILLED."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    from medvqa.tracking import PARENT_TAG, SWEEP_TAG
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MEDVQA_RUNS_BASE": str(tmp_path), "TOKENIZERS_PARALLELISM": "false",
+           "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp")}
+    env.pop("RAY_ADDRESS", None)
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "tune" / "sweep.py"), "--preset", "tiny", "--num-samples", "3",
+                          "run.tracking=mlflow", f"run.tracking_uri={store}"], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("medvqa").experiment_id])
+    (parent,) = [r for r in runs if SWEEP_TAG in r.data.tags]
+    children = [r for r in runs if r.data.tags.get(PARENT_TAG) == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and len(children) == 3 and len(runs) == 4
+    assert "report/trials.csv" in [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
+    for child in children:
+        assert child.info.status in ("FINISHED", "KILLED"), child.info.status  # KILLED: stopped by ASHA
+        assert len(client.get_metric_history(child.info.run_id, "stage1/loss")) >= 2
+        assert client.get_metric_history(child.info.run_id, "stage2/val_normalized_f1")
+        assert child.data.params["lora.r"] in ("2", "4", "8")
+    assert any(c.info.status == "FINISHED" for c in children)

@@ -134,22 +134,28 @@ def test_a_sweep_is_a_parent_run_with_a_child_per_trial(tmp_path, store):
                        ["run.tracking=mlflow", f"run.tracking_uri={store}", "run.tracking_experiment=unit-sweep"])
     sdir = tmp_path / "sweep"
     parent = tracking.start_sweep(space, sdir)
-    children = []
-    for trial in ("a", "b"):
-        cfg = _cfg(tmp_path / "runs", "sqlite:///ignored-the-parent-decides.db", "ignored",
-                   f"run.name=trial-{trial}")
-        children.append(tracking.start_run(cfg, run_dir_for(cfg), parent=tracking.read_session(sdir)))
-    tracking.end_run(run_dir_for(cfg))  # trial b ends itself; trial a was stopped (its actor killed)
+    trials = {}
+    for trial in ("finished", "stopped", "killed", "failed"):
+        cfg = _cfg(tmp_path / "runs", "sqlite:///ignored-the-parent-decides.db", "ignored", f"run.name={trial}")
+        rd = run_dir_for(cfg)
+        trials[trial] = (rd, tracking.start_run(cfg, rd, parent=tracking.read_session(sdir)))
+    tracking.end_run(trials["finished"][0])
+    tracking.end_run(trials["stopped"][0], "FAILED")  # ASHA stopped it: its TorchTrainer failed as the actor went
+    tracking.end_run(trials["failed"][0], "FAILED")  # a real error: Tune reports it
+    # "killed": its actor was killed, the run is still RUNNING
     (sdir / "report").mkdir()
     (sdir / "report" / "trials.csv").write_text("trial\n")
-    tracking.end_sweep(sdir, "FINISHED", sdir / "report")
+    tracking.end_sweep(sdir, "FINISHED", sdir / "report",
+                       [trials[t][0].path for t in ("finished", "stopped", "killed")] + [None])
 
     client = _client(store)
-    assert {c["experiment_id"] for c in children} == {parent["experiment_id"]}
+    assert {session["experiment_id"] for _, session in trials.values()} == {parent["experiment_id"]}
     runs = {r.info.run_id: r for r in client.search_runs([parent["experiment_id"]])}
     assert runs[parent["run_id"]].info.status == "FINISHED"
     space_params = runs[parent["run_id"]].data.params  # the search space
     assert space_params["params.lora.r.values"] == "[2, 4, 8]" and space_params["metric"] == "val_normalized_f1"
-    assert [runs[c["run_id"]].data.tags[tracking.PARENT_TAG] for c in children] == [parent["run_id"]] * 2
-    assert [runs[c["run_id"]].info.status for c in children] == ["KILLED", "FINISHED"]
+    assert {t: runs[s["run_id"]].data.tags[tracking.PARENT_TAG] for t, (_, s) in trials.items()} == {
+        t: parent["run_id"] for t in trials}
+    assert {t: runs[s["run_id"]].info.status for t, (_, s) in trials.items()} == {
+        "finished": "FINISHED", "stopped": "KILLED", "killed": "KILLED", "failed": "FAILED"}
     assert [a.path for a in client.list_artifacts(parent["run_id"], "report")] == ["report/trials.csv"]
