@@ -66,11 +66,12 @@ def test_calm_routes_ray_and_print_output_to_the_log_and_our_lines_to_the_termin
             os.write(2, b"[2026-11-30 09:43:06,460 E 18805] core_worker.cc:2465: Actor ...\n")  # C++, straight to fd 2
             ray_logger.warning("Progress bars disabled.")
             logging.getLogger("medvqa.train").info("[stage1] data: 192 valid, 0 rejected")
-            logging.getLogger("alembic.runtime").info("Running upgrade")
+            logging.getLogger("some.library").info("Running upgrade")
             logging.getLogger("some.library").error("something broke")
         assert ray_handler.stream is sys.stderr  # restored
     finally:
         ray_logger.removeHandler(ray_handler)
+        ray_logger.propagate = True
     shown = terminal.getvalue().splitlines()
     assert len(shown) == 2 and shown[0].endswith(" [stage1] data: 192 valid, 0 rejected")
     assert shown[1].endswith(" ERROR something broke")
