@@ -176,7 +176,7 @@ class RunDir:
 
     @property
     def logs(self) -> Path:
-        """Per-command logs (``train.log``, ``eval.log``): everything the terminal does not show (medvqa.console)."""
+        """Per-command logs (``train.log``): everything the calm console keeps off the terminal (medvqa.console)."""
         return self.path / "logs"
 
     @property
