@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -46,24 +47,34 @@ def _echo_eval(out: dict) -> None:
 
 @app.command()
 def train(overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. stage2.lr=1e-4"),
-          preset: str = typer.Option("tiny", help="Preset name (see `medvqa presets`) or a YAML path.")) -> None:
+          preset: str = typer.Option("tiny", help="Preset name (see `medvqa presets`) or a YAML path."),
+          verbose: bool = typer.Option(False, "--verbose", help="Show Ray's own output too (= run.verbose=true).")
+          ) -> None:
     """Run the two-stage fine-tuning job (same as `python jobs/two_stage.py`); with run.evaluate=true, then the
-    evaluation matrix (eval.* settings)."""
-    cfg = _load(preset, overrides)
+    evaluation matrix (eval.* settings). The terminal shows a progress bar per stage and evaluation pass; everything
+    else goes to RUN_DIR/logs/train.log (--verbose: to the terminal too)."""
+    cfg = _load(preset, [*(overrides or []), *(["run.verbose=true"] if verbose else [])])
     setup_logging()
     from medvqa.data.pipeline import TooManyRejects
+    from medvqa.observe import session
     from medvqa.train import run_two_stage
 
     try:
-        run_dir = run_two_stage(cfg)
-    except TooManyRejects as e:
-        typer.echo(f"data error: {e}", err=True)
-        raise typer.Exit(3)
+        with session(cfg, "train", preset=preset, shutdown_ray=True):
+            run_dir = run_two_stage(cfg)
+            if cfg.run.evaluate:  # inside the session: the evaluation draws its bar and logs to the same file
+                from medvqa.evaluate import evaluate_run
+
+                evaluated = evaluate_run(run_dir)
+    except TooManyRejects:
+        raise typer.Exit(3)  # the session printed the cause and where the full log is
+    except Exception:
+        if cfg.run.verbose:
+            raise
+        raise typer.Exit(1)
     typer.echo(f"run dir: {run_dir}")
     if cfg.run.evaluate:
-        from medvqa.evaluate import evaluate_run
-
-        _echo_eval(evaluate_run(run_dir))
+        _echo_eval(evaluated)
 
 
 @app.command("eval")
@@ -220,6 +231,9 @@ def report(run_dir: str = typer.Argument(..., help="Run directory with eval/metr
     except (FileNotFoundError, HumanEvalError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    from medvqa.tracking import log_artifacts
+
+    log_artifacts(run_dir, Path(run_dir) / "report", "report")  # to the run's MLflow run, when it is tracked
     typer.echo(json.dumps(out))
 
 

@@ -152,6 +152,15 @@ class RunConfig:
     max_reject_fraction: float = doc(0.05, "Stop with an error when more than this fraction of records is rejected.")
     evaluate: bool = doc(False, "Run the evaluation matrix (base vs this run; `medvqa eval`, settings in eval.*) "
                                 "after training.")
+    tracking: Literal["none", "mlflow"] = doc("none", "'mlflow': log params, per-step and evaluation metrics and "
+                                                      "the report to MLflow (medvqa.tracking); 'none': off.")
+    tracking_uri: str = doc("", "MLflow tracking URI; '' takes $MLFLOW_TRACKING_URI, else "
+                                "sqlite:///<output_dir>/mlflow.db (a local store, no server).")
+    tracking_experiment: str = doc("medvqa", "MLflow experiment the run is logged under.")
+    tracking_adapters: bool = doc(False, "Upload the finished adapters as MLflow artifacts (default: only their path, "
+                                         "tag medvqa.adapters; a paper-preset adapter is ~100 MB).")
+    verbose: bool = doc(False, "Show Ray's own output (execution plans, worker start-up, checkpoint paths) on the "
+                               "terminal; by default it goes to RUN_DIR/logs/ and the terminal shows progress bars.")
 
 
 @dataclass

@@ -137,8 +137,10 @@ def run_matrix(cfg: Config, models: Mapping[str, str | os.PathLike | None], test
     timing: dict[str, dict] = {}
     gpus = e.concurrency * actor_gpus(cfg)
     if rows:
+        from medvqa.observe import eval_stream  # a progress bar and Ray metrics over the streamed answers
+
         t_last = time.perf_counter()
-        for df in _predict_rows(rows, cfg, todo):
+        for df in eval_stream(cfg, rows, _predict_rows(rows, cfg, todo)):
             now = time.perf_counter()
             if not timing:
                 timing = {k: {"rows": n, "seconds": (now - t_last) * n / len(rows), "gpus": gpus}
@@ -232,4 +234,8 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (),
                 models[key] = other
         else:
             models[name] = run_dir
-    return run_matrix(cfg, models, test, rd.eval, ood_records=ood_records)
+    out = run_matrix(cfg, models, test, rd.eval, ood_records=ood_records)
+    from medvqa.tracking import log_evaluation  # per-cell metrics to the run's MLflow run (run.tracking=mlflow)
+
+    log_evaluation(cfg, run_dir, out.get("metrics", {}))
+    return out

@@ -12,6 +12,7 @@ Fields left out of the hash (``ID_EXCLUDED``) are the ones that cannot change th
 - ``run.log_every_n_steps``, ``run.checkpoint_every_n_steps``, ``run.max_failures``: logging, checkpoint cadence and
   fault tolerance; resuming is exact (optimizer, scheduler and data position are checkpointed), so they only decide
   how much work a failure costs.
+- ``run.tracking*``, ``run.verbose``: where the numbers are also sent (MLflow) and what the terminal shows.
 - ``model.cache_dir``: where the tiny model is built and cached (the tiny model is a function of ``model.seed``,
   which is hashed).
 - ``resources.cpus_per_worker``, ``resources.data_cpus_per_task``, ``resources.data_concurrency``,
@@ -42,6 +43,8 @@ Layout (``RunDir``)::
       adapters/<stage>/    the finished stage's LoRA adapter
       eval/                the evaluation matrix: metrics.json, predictions/ (layout: ``medvqa.predictions``)
       report/              report.md/.html, plots/, human_eval.csv
+      logs/<command>.log   everything a calm console keeps off the terminal (Ray output, worker logs, tracebacks)
+      tracking.json        MLflow tracking URI and run id of this run (when run.tracking=mlflow)
 
 Every path of a run directory, and every read or write of its config and JSON files, goes through ``RunDir``.
 This module imports neither torch nor ray.
@@ -76,6 +79,11 @@ ID_EXCLUDED: tuple[str, ...] = (
     "run.log_every_n_steps",
     "run.checkpoint_every_n_steps",
     "run.max_failures",
+    "run.tracking",
+    "run.tracking_uri",
+    "run.tracking_experiment",
+    "run.tracking_adapters",
+    "run.verbose",
     "model.cache_dir",
     "resources.cpus_per_worker",
     "resources.data_cpus_per_task",
@@ -184,6 +192,11 @@ class RunDir:
     def human_eval(self) -> Path:
         """Clinician scores merged by ``medvqa human-merge``."""
         return self.report / "human_eval.csv"
+
+    @property
+    def logs(self) -> Path:
+        """Per-command logs (``train.log``): everything the calm console keeps off the terminal (medvqa.console)."""
+        return self.path / "logs"
 
     def checkpoints(self, stage: str | None = None) -> Path:
         """``checkpoints/`` (Ray Train ``storage_path``) or ``checkpoints/<stage>/`` (its run ``name``)."""
@@ -427,7 +440,9 @@ def _as_path(run_dir: RunDir | str | os.PathLike) -> Path:
 
 
 def append_metrics(run_dir: RunDir | str | os.PathLike, record: dict) -> None:
-    """Append one JSON line to ``metrics.jsonl`` with a wall-clock ``time`` (unless the record has one).
+    """Append one JSON line to ``metrics.jsonl`` with a wall-clock ``time`` (unless the record has one). The training
+    loop and driver write through ``medvqa.observe.record``, which also passes the record on (MLflow, Ray metrics,
+    progress bars).
 
     One ``write`` on an ``O_APPEND`` descriptor, so lines from the driver and a Train worker do not interleave."""
     path = _as_path(run_dir) / "metrics.jsonl"

@@ -301,6 +301,8 @@ def trial_fn(params: dict, space: dict, sweep_dir: str) -> None:
     """One Tune trial: a two-stage run in its own run directory, reporting validation rounds to Tune."""
     from ray import tune
 
+    from medvqa.observe import tracked
+    from medvqa.tracking import read_session
     from medvqa.train import run_two_stage
 
     sp = SweepSpace(**space)
@@ -311,7 +313,8 @@ def trial_fn(params: dict, space: dict, sweep_dir: str) -> None:
     log.info("trial %s: %s -> %s", trial_id, params, rd.path)
     # The report reads a trial's numbers from its run directory (metrics.jsonl), found through this link.
     write_json(Path(ctx.get_trial_dir()) / TRIAL_LINK, {"trial_id": trial_id, "run_dir": str(rd.path)})
-    run_two_stage(cfg, callbacks=[_tune_callback(sp.metric, {"run_dir": str(rd.path), "trial_id": trial_id})])
+    with tracked(cfg, rd, tags={"medvqa.trial_id": trial_id}, parent=read_session(sweep_dir)):  # MLflow child run
+        run_two_stage(cfg, callbacks=[_tune_callback(sp.metric, {"run_dir": str(rd.path), "trial_id": trial_id})])
 
 
 def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool = True) -> Path:
@@ -322,6 +325,7 @@ def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool =
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    from medvqa import tracking
     from medvqa.model import resolve_model_path
     from medvqa.ray_init import init_ray
 
@@ -331,6 +335,7 @@ def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool =
     base = space.base_config()
     resolve_model_path(base.model)  # build the tiny model once, before trials race for it
     init_ray(base, ray_temp_dir)
+    tracking.start_sweep(space, sdir)  # the parent MLflow run of the trials (run.tracking=mlflow)
     trainable = tune.with_resources(tune.with_parameters(trial_fn, space=space.to_dict(), sweep_dir=str(sdir)),
                                     {"CPU": 0.01})  # the trial driver only waits on its TorchTrainer (GUIDE §5)
     tune_path = sdir / "tune"
@@ -367,5 +372,7 @@ def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool =
         log.warning("sweep %s: %d trial(s) failed; first error: %s", space.name, len(errors), errors[0])
     if report:
         write_report(sdir)
+    tracking.end_sweep(sdir, "FAILED" if errors else "FINISHED", sdir / "report",  # MLflow: the parent, stopped trials
+                       [(r.metrics or {}).get("run_dir") for r in results if not r.error])
     log.info("sweep done: %s", sdir)
     return sdir

@@ -108,7 +108,8 @@ def train_fn_per_worker(config: dict) -> None:
 
     from medvqa.data.pipeline import collate_fn_for
     from medvqa.model import gpu_memory, load_processor, save_adapter, trainable_adapter
-    from medvqa.runs import append_metrics, record_workers, worker_facts
+    from medvqa import observe
+    from medvqa.runs import record_workers, worker_facts
 
     cfg: Config = from_dict(config["cfg"])
     stage_name: str = config["stage"]
@@ -147,7 +148,7 @@ def train_fn_per_worker(config: dict) -> None:
         if rank == 0:
             log.info("[%s] resuming from checkpoint at step %d (epoch %d, %d micro-batches in)", stage_name, step,
                      epoch, skip_micro)
-            append_metrics(run_dir, {"stage": stage_name, "event": "resumed", "step": step})
+            observe.record(run_dir, {"stage": stage_name, "event": "resumed", "step": step})
 
     # The model is already on its device (load_model's device_map places 4-bit weights; .to() must not move them).
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False,
@@ -171,7 +172,7 @@ def train_fn_per_worker(config: dict) -> None:
                 ckpt = Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{step:06d}")
             if rank == 0:
-                append_metrics(run_dir, {"stage": stage_name, "event": "checkpoint", "step": step})
+                observe.record(run_dir, {"stage": stage_name, "event": "checkpoint", "step": step})
 
     t_window, samples_window, tokens_window, loss_window, micro_window = time.perf_counter(), 0, 0, 0.0, 0
     last = {}
@@ -208,7 +209,7 @@ def train_fn_per_worker(config: dict) -> None:
                         "samples_per_s": samples_window * world / elapsed,
                         "tokens_per_s": tokens_window * world / elapsed, **gpu_memory(device)}
                 if rank == 0:
-                    append_metrics(run_dir, last)
+                    observe.record(run_dir, last)
                     log.info("[%s] step %d/%d (%.0f%%) loss %.4f lr %.2e %.1f samples/s %.0f tokens/s%s", stage_name,
                              step, num_steps, 100 * step / num_steps, last["loss"], last["lr"],
                              last["samples_per_s"], last["tokens_per_s"],
@@ -226,7 +227,7 @@ def train_fn_per_worker(config: dict) -> None:
                     val.update({"stage": stage_name, "step": step, "total_steps": num_steps, "event": "validation",
                                 "val_round": math.ceil(step / validate_every), "val_final": step == num_steps,
                                 "val_seconds": round(time.perf_counter() - t_val, 2)})
-                    append_metrics(run_dir, val)
+                    observe.record(run_dir, val)
                     log.info("[%s] step %d validation (%d questions, %.1f s): normalized EM %.3f, F1 %.3f",
                              stage_name, step, val["val_n"], val["val_seconds"], val["val_normalized_em"],
                              val["val_normalized_f1"])
@@ -274,12 +275,15 @@ def fit_stage(cfg: Config, stage_name: str, run_dir: RunDir, model_path: str, ca
     from ray.train.torch import TorchTrainer
 
     from medvqa.data.pipeline import prepare_records, training_dataset
+    from medvqa import observe
 
     stage: StageConfig = getattr(cfg, stage_name)
     manifest = prepare_records(stage.data, run_dir.data(stage_name), run_dir.rejects(stage_name),
                                cfg.resources, cfg.run.max_reject_fraction)
     log.info("[%s] data: %d valid, %d rejected (%s)", stage_name, manifest["valid"], manifest["rejected"],
              manifest["reject_reasons"] or "no rejects")
+    observe.record(run_dir, {"stage": stage_name, "event": "data", "records": manifest["valid"],
+                             "rejected": manifest["rejected"], "reject_reasons": manifest["reject_reasons"]})
     loop_config = {"cfg": to_dict(cfg), "stage": stage_name, "run_dir": str(run_dir.path),
                    "num_records": manifest["valid"]}
     if stage.data.validation_fraction:
@@ -317,7 +321,8 @@ def run_two_stage(cfg: Config, ray_temp_dir: str | None = None, callbacks: list 
     """The main job: both stages (or the enabled one), ending in a self-describing run directory. ``callbacks`` go
     to every stage's TorchTrainer."""
     from medvqa.model import resolve_model_path
-    from medvqa.runs import append_metrics, prepare_run_dir, write_json
+    from medvqa import observe
+    from medvqa.runs import prepare_run_dir, write_json
 
     rd = prepare_run_dir(cfg)
     log.info("run dir: %s", rd.path)
@@ -328,9 +333,9 @@ def run_two_stage(cfg: Config, ray_temp_dir: str | None = None, callbacks: list 
         if (rd.adapter(stage_name) / "adapter_config.json").exists():
             log.info("[%s] already finished (%s): skipping", stage_name, rd.adapter(stage_name))
             continue
-        append_metrics(rd, {"stage": stage_name, "event": "start"})
+        observe.record(rd, {"stage": stage_name, "event": "start"})
         summary = fit_stage(cfg, stage_name, rd, model_path, callbacks)
-        append_metrics(rd, {"stage": stage_name, "event": "end", "seconds": summary["seconds"]})
+        observe.record(rd, {"stage": stage_name, "event": "end", "seconds": summary["seconds"]})
         summaries.append(summary)
     previous = json.loads(rd.stages_summary.read_text()) if rd.stages_summary.exists() else []
     write_json(rd.stages_summary, previous + summaries)
