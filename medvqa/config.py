@@ -93,8 +93,14 @@ class StageConfig:
     epochs: float = doc(1.0, "Passes over the data.")
     max_steps: Optional[int] = doc(None, "Stop after this many optimizer steps (overrides epochs when smaller).")
     lr: float = doc(1e-4, "Peak AdamW learning rate.")
-    batch_size: int = doc(2, "Per-worker micro-batch size.")
-    grad_accum: int = doc(8, "Micro-batches per optimizer step (effective batch = batch_size*grad_accum*workers).")
+    global_batch_size: int = doc(16, "Examples per optimizer step over all workers: the experiment's batch, the same "
+                                     "whatever the worker count (paper: 16 = 2 x 8 x 1 GPU). The micro-batches per "
+                                     "step follow from it: global_batch_size / (batch_size x resources.num_workers), "
+                                     "which must be a whole number.")
+    batch_size: int = doc(2, "Per-worker micro-batch size: a memory knob; the experiment's batch is "
+                             "global_batch_size.")
+    grad_accum: Optional[int] = doc(None, "Micro-batches per optimizer step on each worker. None (recommended): "
+                                          "derived from global_batch_size; given, it must agree with it.")
     warmup_steps: int = doc(50, "Linear warm-up, in optimizer steps.")
     schedule: Literal["linear", "cosine", "constant"] = doc("linear", "Decay after warm-up.")
     weight_decay: float = doc(0.01, "AdamW weight decay.")
@@ -249,13 +255,30 @@ def preset_path(preset: str) -> Path:
     return named_yaml(preset, PRESETS_DIR, "unknown preset")
 
 
+def grad_accum_steps(stage: StageConfig, resources: ResourcesConfig, name: str = "stage") -> int:
+    """Micro-batches per optimizer step on each worker: ``global_batch_size / (batch_size x num_workers)``. A
+    ConfigError naming the keys when that is not a whole number or disagrees with an explicit ``grad_accum``."""
+    per_round = stage.batch_size * resources.num_workers
+    if stage.global_batch_size % per_round:
+        raise ConfigError(f"{name}.global_batch_size={stage.global_batch_size} is not a multiple of {name}.batch_size "
+                          f"x resources.num_workers = {stage.batch_size} x {resources.num_workers}; change one of "
+                          f"them (the global batch is the experiment, the other two only how it is computed)")
+    accum = stage.global_batch_size // per_round
+    if stage.grad_accum is not None and stage.grad_accum != accum:
+        raise ConfigError(f"{name}.grad_accum={stage.grad_accum} disagrees with {name}.global_batch_size / "
+                          f"({name}.batch_size x resources.num_workers) = {stage.global_batch_size} / "
+                          f"({stage.batch_size} x {resources.num_workers}) = {accum}; set {name}.grad_accum=null "
+                          f"(it follows from the global batch) or make them agree")
+    return accum
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks that types alone cannot express."""
     if not cfg.stages():
         raise ConfigError("stage1.enabled and stage2.enabled are both false: nothing to train")
     for name, stage in cfg.stages():
-        for key in ("batch_size", "grad_accum", "max_length"):
-            if getattr(stage, key) < 1:
+        for key in ("global_batch_size", "batch_size", "grad_accum", "max_length"):
+            if getattr(stage, key) is not None and getattr(stage, key) < 1:
                 raise ConfigError(f"{name}.{key}: must be >= 1")
         if stage.lr <= 0:
             raise ConfigError(f"{name}.lr: must be > 0")
@@ -286,6 +309,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("resources.num_workers: must be >= 1")
     if cfg.resources.cpus_per_worker <= 0 or cfg.resources.data_cpus_per_task <= 0:
         raise ConfigError("resources.cpus_per_worker and data_cpus_per_task: must be > 0")
+    for name, stage in cfg.stages():
+        grad_accum_steps(stage, cfg.resources, name)
     return cfg
 
 
@@ -317,7 +342,19 @@ def to_dict(cfg: Config) -> dict:
 
 def from_dict(data: dict) -> Config:
     """Rebuild a Config from ``to_dict`` output (e.g. a run's resolved config.yaml)."""
-    return validate(_merge(Config(), data))
+    return validate(_merge(Config(), _with_global_batch(data)))
+
+
+def _with_global_batch(data: dict) -> dict:
+    """A config written before ``global_batch_size`` existed stated ``grad_accum``: its global batch was
+    batch_size x grad_accum x num_workers."""
+    workers = (data.get("resources") or {}).get("num_workers", 1)
+    out = dict(data)
+    for name in ("stage1", "stage2"):
+        stage = data.get(name)
+        if isinstance(stage, dict) and stage.get("grad_accum") and "global_batch_size" not in stage:
+            out[name] = {**stage, "global_batch_size": stage.get("batch_size", 2) * stage["grad_accum"] * workers}
+    return out
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -265,6 +265,7 @@ def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool =
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    from medvqa.faults import export_driver_pgid
     from medvqa.model import resolve_model_path
     from medvqa.train import init_ray
 
@@ -273,6 +274,7 @@ def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool =
     (sdir / "space.yaml").write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
     base = space.base_config()
     resolve_model_path(base.model)  # build the tiny model once, before trials race for it
+    export_driver_pgid()  # an injected driver fault in a trial kills this process group (medvqa.faults)
     init_ray(base, ray_temp_dir)
     trainable = tune.with_resources(tune.with_parameters(trial_fn, space=space.to_dict(), sweep_dir=str(sdir)),
                                     {"CPU": 0.01})  # the trial driver only waits on its TorchTrainer (GUIDE §5)
