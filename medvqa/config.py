@@ -118,10 +118,11 @@ class ResourcesConfig:
     cpus_per_worker: float = doc(0.5, "CPUs reserved per Train worker. Fractional on small machines: a worker "
                                       "holding a whole CPU starves Ray Data's tasks on 2 cores and the run hangs.")
     data_cpus_per_task: float = doc(0.25, "CPUs per Ray Data preprocessing task.")
-    data_concurrency: int = doc(2, "Max parallel Ray Data preprocessing tasks.")
+    data_concurrency: int = doc(2, "Max parallel Ray Data preprocessing tasks per Train worker (each worker streams "
+                                   "its own part of every epoch).")
     data_buffer_mb: Optional[int] = doc(None, "Cap on the object-store memory (MiB) Ray Data may hold in flight for "
-                                              "a stage; bounds a streamed stage's memory whatever the data size. "
-                                              "None: Ray's default share of the object store.")
+                                              "a worker's stream; bounds a streamed stage's memory whatever the data "
+                                              "size. None: Ray's default share of the object store.")
     num_cpus: Optional[int] = doc(None, "CPUs for a locally started Ray (None: all).")
 
 

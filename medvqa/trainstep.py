@@ -219,11 +219,6 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, rank: int, expect
     """Restore the trainable adapter, optimizer, scheduler and this rank's random state from ``folder``; return the
     state's progress and metadata (everything but optimizer and scheduler). ``expect``: keys the state must match
     (e.g. world size, records), else a ``CheckpointError`` naming them."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from medvqa.model import trainable_adapter
-
     folder = Path(folder)
     state = load_safely(folder / STATE_FILE)
     if state.get("format") != STATE_FORMAT:
@@ -236,6 +231,11 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, rank: int, expect
     rng_file = folder / f"rng_rank{rank}.pt"
     if not rng_file.exists():
         raise CheckpointError(f"{folder}: no random state for worker {rank} ({rng_file.name})")
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from medvqa.model import trainable_adapter
+
     weights = load_file(str(folder / ADAPTER_DIR / "adapter_model.safetensors"))
     result = set_peft_model_state_dict(model, weights, adapter_name=trainable_adapter(model))
     if getattr(result, "unexpected_keys", None):

@@ -412,9 +412,11 @@ def training_dataset(records_dir: Path, stage: StageConfig, model_path: str, res
     plan = rank_plan(index or record_index(records_dir), seed, epoch, rank, world, start)
     if not plan:
         raise ValueError(f"worker {rank} of {world}: nothing left of epoch {epoch} after record {start}")
+    # Reading a window is quick next to preprocessing its ~1k records: two read tasks keep the preprocessing fed and
+    # bound the raw bytes in flight.
     ds = ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(
         _read_planned, batch_format="pyarrow", batch_size=1, num_cpus=resources.data_cpus_per_task,
-        compute=TaskPoolStrategy(size=resources.data_concurrency))
+        compute=TaskPoolStrategy(size=min(2, resources.data_concurrency)))
     # A window is one block; re-block (streaming, order kept) so the preprocessing tasks run in parallel.
     ds = ds.repartition(target_num_rows_per_block=_ROWS_PER_BLOCK)
     return ds.map_batches(
