@@ -368,20 +368,20 @@ def rank_plan(index: list[RowGroup], seed: int, epoch: int, rank: int = 0, world
     tasks, offset = [], 0  # offset: position of the window's first record in the epoch's order
     for groups, order in epoch_order(index, seed, epoch):
         mine = np.flatnonzero((offset + np.arange(len(order))) % world == rank)  # this worker's window positions
-        first = (offset + world - 1 - rank) // world  # how many of this worker's records precede the window
+        numbers = (offset + world - 1 - rank) // world + np.arange(len(mine))  # their numbers in its order
         offset += len(order)
-        keep = mine[(first + np.arange(len(mine)) >= start) & (first + np.arange(len(mine)) < per_rank)]
+        keep = mine[(numbers >= start) & (numbers < per_rank)]
         if not len(keep):
             continue
-        rows = order[keep]
-        bounds = np.cumsum([0] + [index[g].rows for g in groups])
-        group_of = np.searchsorted(bounds, rows, side="right") - 1
-        used = sorted(set(group_of.tolist()))
-        new_bounds = np.cumsum([0] + [index[groups[u]].rows for u in used])
-        where = {u: i for i, u in enumerate(used)}
-        rows = [int(new_bounds[where[g]] + r - bounds[g]) for g, r in zip(group_of.tolist(), rows.tolist())]
-        tasks.append({"files": [index[groups[u]].file for u in used],
-                      "row_groups": [index[groups[u]].index for u in used], "rows": rows})
+        rows = order[keep]  # positions among the window's records (its groups concatenated)
+        sizes = np.array([index[g].rows for g in groups])
+        group_of = np.searchsorted(np.cumsum(sizes), rows, side="right")
+        unread = np.ones(len(groups), dtype=bool)
+        unread[group_of] = False  # groups without a wanted record (a resumed window) are not read ...
+        rows = rows - np.cumsum(np.where(unread, sizes, 0))[group_of]  # ... so positions shift past them
+        read = [groups[i] for i in np.flatnonzero(~unread)]
+        tasks.append({"files": [index[g].file for g in read], "row_groups": [index[g].index for g in read],
+                      "rows": rows.tolist()})
     return tasks
 
 
