@@ -16,7 +16,8 @@ fires, the worker waits until Ray Train has registered the latest checkpoint it 
 report by up to a controller poll, ~2 s): the run then restores exactly that checkpoint. Unset, nothing happens.
 
 The driver records its process group in ``MEDVQA_FAULT_PGID`` before starting a local Ray, so a Tune trial (another
-process group) kills the sweep's driver, not just itself.
+process group) kills the sweep's driver, not just itself. Driver faults assume the driver and the workers share a
+machine (a local Ray, as in the tests).
 """
 
 from __future__ import annotations
@@ -88,5 +89,5 @@ def fire(faults: list[Fault], stage: str, run_dir, pgid: int, wait: Callable[[],
         wait()
     append_metrics(run_dir, {"stage": stage, "event": "fault", "fault": fault.spec})
     if fault.target == "driver":
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(pgid, signal.SIGKILL)  # this process too when it is the driver
     os._exit(1)  # a worker dies; a driver-group kill may not include this process (Ray workers have their own)

@@ -340,7 +340,8 @@ def run_two_stage(cfg: Config, ray_temp_dir: str | None = None, callbacks: list 
     model_path = resolve_model_path(cfg.model)  # builds the tiny model once, before workers race for it
     export_driver_pgid()
     init_ray(cfg, ray_temp_dir)
-    faults = parse_faults(faults_from_env()["faults"])
+    fault_env = faults_from_env()
+    faults = parse_faults(fault_env["faults"])
     summaries = []
     for stage_name, _ in cfg.stages():
         if (rd.adapter(stage_name) / "adapter_config.json").exists():
@@ -350,7 +351,7 @@ def run_two_stage(cfg: Config, ray_temp_dir: str | None = None, callbacks: list 
         summary = fit_stage(cfg, stage_name, rd, model_path, callbacks)
         append_metrics(rd, {"stage": stage_name, "event": "end", "seconds": summary["seconds"]})
         summaries.append(summary)
-        fire(faults, stage_name, rd, os.getpgid(0), end=None)
+        fire(faults, stage_name, rd, fault_env["pgid"], end=None)
     previous = json.loads(rd.stages_summary.read_text()) if rd.stages_summary.exists() else []
     write_json(rd.stages_summary, previous + summaries)
     # One data manifest for the run: per stage, what was read, kept and rejected (and where the rejects are).

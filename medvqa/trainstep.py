@@ -30,14 +30,11 @@ import pickle
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 import numpy as np
 
 from medvqa.config import StageConfig
-
-if TYPE_CHECKING:
-    import torch
 
 STATE_FILE = "train_state.pt"  # optimizer, scheduler, progress (rank 0); the adapter sits beside it in adapter/
 ADAPTER_DIR = "adapter"

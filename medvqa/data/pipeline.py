@@ -401,7 +401,8 @@ def _read_planned(batch):
 
 def training_dataset(records_dir: Path, stage: StageConfig, model_path: str, resources: ResourcesConfig,
                      do_image_splitting: bool = False, longest_edge: int | None = None, seed: int = 0,
-                     epoch: int = 0, rank: int = 0, world: int = 1, start: int = 0, index: list[RowGroup] | None = None):
+                     epoch: int = 0, rank: int = 0, world: int = 1, start: int = 0,
+                     index: list[RowGroup] | None = None):
     """Streaming Ray Dataset of model inputs: worker ``rank``'s records of ``epoch`` in the seeded order, from its
     ``start``-th record on (a resumed epoch; the skipped records are not read). ``index``: ``record_index`` of
     ``records_dir``, when the caller keeps it across epochs."""
