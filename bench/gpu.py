@@ -50,6 +50,7 @@ import argparse
 import importlib.util
 import inspect
 import io
+import itertools
 import json
 import os
 import platform
@@ -175,9 +176,15 @@ def bench_config(model_dir: Path, use_gpu: bool, grad_accum: int | None):
     from medvqa.config import load_config
 
     overrides = [f"model.name_or_path={model_dir}", f"resources.use_gpu={str(use_gpu).lower()}"]
-    if grad_accum:
-        overrides.append(f"stage1.grad_accum={grad_accum}")
+    if grad_accum:  # the global batch is what the config states; grad_accum follows from it
+        overrides.append(f"stage1.global_batch_size={2 * grad_accum}")
     return load_config("paper", overrides)
+
+
+def stage1_accum(cfg) -> int:
+    from medvqa.config import grad_accum_steps
+
+    return grad_accum_steps(cfg.stage1, cfg.resources, "stage1")
 
 
 def phantom_images(n: int, px: int, task: str = "caption", seed: int = 0) -> list[dict]:
@@ -210,39 +217,26 @@ def stage1_batches(cfg, processor, px: int, n_batches: int) -> list[dict]:
             for i in range(0, len(enc), stage.batch_size)]
 
 
-def train_window(model, batches: list[dict], grad_accum: int, device, seconds: float, max_steps: int,
+def train_window(model, batches: list[dict], stage, grad_accum: int, device, seconds: float, max_steps: int,
                  warmup_steps: int = 1) -> dict:
     """Optimizer steps of ``grad_accum`` micro-batches (cycling ``batches``) for ``seconds`` (at least one timed
     step, at most ``max_steps``) after ``warmup_steps`` untimed ones: samples/s, tokens/s, peak memory."""
     import torch
 
+    from medvqa import trainstep
     from medvqa.model import gpu_memory
 
-    # ---- TRAINING STEP, as medvqa.train.train_fn_per_worker does it (bf16 autocast on CUDA, loss / grad_accum,
-    # clip at 1.0, AdamW). medvqa.train has no Ray-free step function yet: switch to it when it has one.
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.01)
-    autocast = device.type == "cuda"
-    cursor = 0
+    # The training step of medvqa.train.train_fn_per_worker (medvqa.trainstep: bf16 autocast on CUDA, the mean over
+    # grad_accum micro-batches, clipping, AdamW with the stage's lr and weight decay); a constant learning rate.
+    optimizer = trainstep.build_optimizer(model, stage)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    cycle = itertools.cycle(batches)
 
     def step() -> tuple[int, int, float]:
-        nonlocal cursor
-        samples = tokens = 0
-        loss_sum = 0.0
-        for _ in range(grad_accum):
-            batch = {k: v.to(device) for k, v in batches[cursor % len(batches)].items()}
-            cursor += 1
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = model(**batch).loss / grad_accum
-            loss.backward()
-            loss_sum += loss.item()
-            samples += batch["input_ids"].shape[0]
-            tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return samples, tokens, loss_sum
-    # ---- end of the training step
+        r = trainstep.optimizer_step(model, cycle, grad_accum, optimizer, scheduler, stage.max_grad_norm, device,
+                                     autocast_dtype)
+        return r["samples"], r["tokens"], r["loss"]
 
     def sync():
         if device.type == "cuda":
@@ -291,17 +285,18 @@ class Stage1:
         self.model = load_model(cfg, use_gpu=cfg.resources.use_gpu)
         self.load_seconds = round(time.perf_counter() - t0, 1)
         log(f"stage 1: model loaded in {self.load_seconds} s on {self.device}")
-        self.batches = stage1_batches(cfg, load_processor(cfg.model), s["image_px"], min(cfg.stage1.grad_accum, 8))
+        self.accum = stage1_accum(cfg)
+        self.batches = stage1_batches(cfg, load_processor(cfg.model), s["image_px"], min(self.accum, 8))
         self.flash = importlib.util.find_spec("flash_attn") is not None and self.device.type == "cuda"
         self.result = {"load_seconds": self.load_seconds, "batch_size": cfg.stage1.batch_size,
-                       "grad_accum": cfg.stage1.grad_accum, "image_px": s["image_px"], "variants": []}
+                       "grad_accum": self.accum, "image_px": s["image_px"], "variants": []}
 
     def variant(self, attn: str, ckpt: bool, window: float) -> dict:
         import torch
 
         from medvqa.model import set_activation_checkpointing
 
-        name, accum = f"{attn}{' + checkpointing' if ckpt else ''}", self.cfg.stage1.grad_accum
+        name, accum = f"{attn}{' + checkpointing' if ckpt else ''}", self.accum
         if attn == "flash_attention_2" and not self.flash:
             r = {"skipped": "flash-attn not installed or no CUDA"}
         else:
@@ -309,7 +304,7 @@ class Stage1:
             try:
                 base.set_attn_implementation(attn)
                 set_activation_checkpointing(base, ckpt)
-                r = train_window(self.model, self.batches, accum, self.device, window, self.s["train_max_steps"],
+                r = train_window(self.model, self.batches, self.cfg.stage1, accum, self.device, window, self.s["train_max_steps"],
                                  self.s["warmup_steps"])
             except Exception as e:  # noqa: BLE001 - out of memory, a kernel missing: the next variant still runs
                 r = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
@@ -377,13 +372,14 @@ def packed_worker(index: int, model_dir: str, use_gpu: bool, s: dict, threads: i
         cfg = bench_config(Path(model_dir), use_gpu, s["grad_accum"])
         torch.manual_seed(index)
         model = load_model(cfg, use_gpu=use_gpu)
-        batches = stage1_batches(cfg, load_processor(cfg.model), s["image_px"], min(cfg.stage1.grad_accum, 8))
+        accum = stage1_accum(cfg)
+        batches = stage1_batches(cfg, load_processor(cfg.model), s["image_px"], min(accum, 8))
         device = worker_device(use_gpu)
         if s["warmup_steps"]:
-            train_window(model, batches, cfg.stage1.grad_accum, device, 0.0, 1, warmup_steps=0)
+            train_window(model, batches, cfg.stage1, accum, device, 0.0, 1, warmup_steps=0)
         results.put(("ready", index, None))
         while (cmd := commands.get())[0] == "run":
-            results.put(("done", index, train_window(model, batches, cfg.stage1.grad_accum, device, cmd[1],
+            results.put(("done", index, train_window(model, batches, cfg.stage1, accum, device, cmd[1],
                                                      s["train_max_steps"], warmup_steps=0)))
     except Exception:  # noqa: BLE001 - reported to the parent, which prints it
         results.put(("error", index, traceback.format_exc()))

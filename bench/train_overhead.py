@@ -24,8 +24,10 @@ def plain_loop(cfg, model_path: str, examples: list[dict]) -> tuple[float, float
     import torch
 
     from medvqa.data.pipeline import cached_processor, collate_fn_for, decode_image, encode_example
+    from medvqa.config import grad_accum_steps
     from medvqa.runs import run_dir_for
-    from medvqa.train import _build_scheduler, build_model_for_stage, total_steps
+    from medvqa.train import build_model_for_stage
+    from medvqa.trainstep import build_scheduler, epoch_geometry, total_steps
 
     stage = cfg.stage2
     t_start = time.perf_counter()
@@ -35,8 +37,9 @@ def plain_loop(cfg, model_path: str, examples: list[dict]) -> tuple[float, float
     collate = collate_fn_for(processor)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=stage.weight_decay)
-    n_steps = total_steps(len(examples), 1, stage)
-    sched = _build_scheduler(opt, stage, n_steps)
+    accum = grad_accum_steps(stage, cfg.resources)
+    n_steps = total_steps(epoch_geometry(len(examples), 1, stage.batch_size, accum), stage.epochs)
+    sched = build_scheduler(opt, stage, n_steps)
     model.train()
     step, times = 0, []
     startup = time.perf_counter() - t_start
@@ -45,8 +48,8 @@ def plain_loop(cfg, model_path: str, examples: list[dict]) -> tuple[float, float
             rows = [encode_example(processor, decode_image(r["image"]), stage.prompt, r["prompt"], r["target"],
                                    stage.max_length) for r in examples[i: i + stage.batch_size]]
             batch = collate({k: [r[k] for r in rows] for k in rows[0]})
-            (model(**batch).loss / stage.grad_accum).backward()
-            if (i // stage.batch_size + 1) % stage.grad_accum:
+            (model(**batch).loss / accum).backward()
+            if (i // stage.batch_size + 1) % accum:
                 continue
             torch.nn.utils.clip_grad_norm_(trainable, stage.max_grad_norm)
             opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
@@ -91,8 +94,8 @@ def main() -> None:
         ray_sps, ray_startup = ray_train(cfg, model_path)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    print(f"records: {args.records}  epochs: {args.epochs}  batch {cfg.stage2.batch_size} x accum "
-          f"{cfg.stage2.grad_accum}  4-bit tiny Idefics2 on CPU")
+    print(f"records: {args.records}  epochs: {args.epochs}  global batch {cfg.stage2.global_batch_size} = "
+          f"{cfg.stage2.batch_size} per micro-batch  4-bit tiny Idefics2 on CPU")
     print(f"plain PyTorch loop : {plain:6.2f} steps/s   (start-up {plain_startup:5.1f} s)")
     print(f"Ray Train + Data   : {ray_sps:6.2f} steps/s   (start-up, data prep, checkpoints {ray_startup:5.1f} s)")
     print(f"Ray overhead in steady state: {(plain / ray_sps - 1) * 100:+.1f}%  (target <= 10%)")

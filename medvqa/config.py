@@ -109,8 +109,14 @@ class StageConfig:
     epochs: float = doc(1.0, "Passes over the data.")
     max_steps: Optional[int] = doc(None, "Stop after this many optimizer steps (overrides epochs when smaller).")
     lr: float = doc(1e-4, "Peak AdamW learning rate.")
-    batch_size: int = doc(2, "Per-worker micro-batch size.")
-    grad_accum: int = doc(8, "Micro-batches per optimizer step (effective batch = batch_size*grad_accum*workers).")
+    global_batch_size: int = doc(16, "Examples per optimizer step over all workers: the experiment's batch, the same "
+                                     "whatever the worker count (paper: 16 = 2 x 8 x 1 GPU). The micro-batches per "
+                                     "step follow from it: global_batch_size / (batch_size x resources.num_workers), "
+                                     "which must be a whole number.")
+    batch_size: int = doc(2, "Per-worker micro-batch size: a memory knob; the experiment's batch is "
+                             "global_batch_size.")
+    grad_accum: Optional[int] = doc(None, "Micro-batches per optimizer step on each worker. None (recommended): "
+                                          "derived from global_batch_size; given, it must agree with it.")
     warmup_steps: int = doc(50, "Linear warm-up, in optimizer steps.")
     schedule: Literal["linear", "cosine", "constant"] = doc("linear", "Decay after warm-up.")
     weight_decay: float = doc(0.01, "AdamW weight decay.")
@@ -132,10 +138,11 @@ class ResourcesConfig:
     cpus_per_worker: float = doc(0.5, "CPUs reserved per Train worker. Fractional on small machines: a worker "
                                       "holding a whole CPU starves Ray Data's tasks on 2 cores and the run hangs.")
     data_cpus_per_task: float = doc(0.25, "CPUs per Ray Data preprocessing task.")
-    data_concurrency: int = doc(2, "Max parallel Ray Data preprocessing tasks.")
+    data_concurrency: int = doc(2, "Max parallel Ray Data preprocessing tasks per Train worker (each worker streams "
+                                   "its own part of every epoch).")
     data_buffer_mb: Optional[int] = doc(None, "Cap on the object-store memory (MiB) Ray Data may hold in flight for "
-                                              "a stage; bounds a streamed stage's memory whatever the data size. "
-                                              "None: Ray's default share of the object store.")
+                                              "a worker's stream; bounds a streamed stage's memory whatever the data "
+                                              "size. None: Ray's default share of the object store.")
     num_cpus: Optional[int] = doc(None, "CPUs for a locally started Ray (None: all).")
 
 
@@ -319,13 +326,30 @@ def preset_path(preset: str) -> Path:
     return named_yaml(preset, PRESETS_DIR, "unknown preset")
 
 
+def grad_accum_steps(stage: StageConfig, resources: ResourcesConfig, name: str = "stage") -> int:
+    """Micro-batches per optimizer step on each worker: ``global_batch_size / (batch_size x num_workers)``. A
+    ConfigError naming the keys when that is not a whole number or disagrees with an explicit ``grad_accum``."""
+    per_round = stage.batch_size * resources.num_workers
+    if stage.global_batch_size % per_round:
+        raise ConfigError(f"{name}.global_batch_size={stage.global_batch_size} is not a multiple of {name}.batch_size "
+                          f"x resources.num_workers = {stage.batch_size} x {resources.num_workers}; change one of "
+                          f"them (the global batch is the experiment, the other two only how it is computed)")
+    accum = stage.global_batch_size // per_round
+    if stage.grad_accum is not None and stage.grad_accum != accum:
+        raise ConfigError(f"{name}.grad_accum={stage.grad_accum} disagrees with {name}.global_batch_size / "
+                          f"({name}.batch_size x resources.num_workers) = {stage.global_batch_size} / "
+                          f"({stage.batch_size} x {resources.num_workers}) = {accum}; set {name}.grad_accum=null "
+                          f"(it follows from the global batch) or make them agree")
+    return accum
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks that types alone cannot express."""
     if not cfg.stages():
         raise ConfigError("stage1.enabled and stage2.enabled are both false: nothing to train")
     for name, stage in cfg.stages():
-        for key in ("batch_size", "grad_accum", "max_length"):
-            if getattr(stage, key) < 1:
+        for key in ("global_batch_size", "batch_size", "grad_accum", "max_length"):
+            if getattr(stage, key) is not None and getattr(stage, key) < 1:
                 raise ConfigError(f"{name}.{key}: must be >= 1")
         if stage.lr <= 0:
             raise ConfigError(f"{name}.lr: must be > 0")
@@ -355,6 +379,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"resources.gpus_per_worker: must be a fraction in (0, 1] or a whole number, got {g}")
     if cfg.model.attn_implementation == "flash_attention_2" and not cfg.resources.use_gpu:
         raise ConfigError("model.attn_implementation=flash_attention_2 needs resources.use_gpu=true (CUDA only)")
+    for name, stage in cfg.stages():
+        grad_accum_steps(stage, cfg.resources, name)
     return cfg
 
 
@@ -409,8 +435,20 @@ def to_dict(cfg: Config) -> dict:
 def from_dict(data: dict, overrides: list[str] | tuple = ()) -> Config:
     """Rebuild a Config from ``to_dict`` output (e.g. a run's resolved config.yaml), with dotted ``key=value``
     ``overrides`` merged on top."""
-    cfg = _merge(Config(), data)
+    cfg = _merge(Config(), _with_global_batch(data))
     return validate(_merge(cfg, parse_overrides(list(overrides))) if overrides else cfg)
+
+
+def _with_global_batch(data: dict) -> dict:
+    """A config written before ``global_batch_size`` existed stated ``grad_accum``: its global batch was
+    batch_size x grad_accum x num_workers."""
+    workers = (data.get("resources") or {}).get("num_workers", 1)
+    out = dict(data)
+    for name in ("stage1", "stage2"):
+        stage = data.get(name)
+        if isinstance(stage, dict) and stage.get("grad_accum") and "global_batch_size" not in stage:
+            out[name] = {**stage, "global_batch_size": stage.get("batch_size", 2) * stage["grad_accum"] * workers}
+    return out
 
 
 def dump_yaml(cfg: Config) -> str:

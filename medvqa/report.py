@@ -305,13 +305,13 @@ CURVE_VAL_METRICS = ("val_normalized_em", "val_normalized_f1", "val_closed_accur
 
 def training_log(run_dir: str | os.PathLike) -> dict[str, dict[str, list[dict]]]:
     """stage -> {'steps': step rows, 'validation': rows, 'resumed' / 'start' / 'end': those events, 'times': the
-    ``time`` of every record} from ``metrics.jsonl`` (through ``runs.read_metrics``), in file order. Steps and
-    validation rounds are kept once, the last row written winning (a resumed stage repeats the steps after its
-    checkpoint; the repeat is what the model finally trained on)."""
+    ``time`` of every record, interrupted attempts' too (their cost is real)} from ``metrics.jsonl``, in file order.
+    Steps and validation rounds are kept once, the last row written winning (a resumed stage repeats the steps after
+    its checkpoint; the repeat is what the model finally trained on)."""
     from medvqa.runs import read_metrics
 
     out: dict[str, dict[str, Any]] = {}
-    for r in read_metrics(run_dir):
+    for r in read_metrics(run_dir, superseded=True):
         stage, event = r.get("stage"), r.get("event")
         if not stage:
             continue
@@ -324,7 +324,9 @@ def training_log(run_dir: str | os.PathLike) -> dict[str, dict[str, list[dict]]]
         elif event == "validation":
             log_["validation"].pop(r.get("val_round"), None)
             log_["validation"][r.get("val_round")] = r
-        elif event in ("resumed", "start", "end"):
+        elif event == "train_start" and r.get("checkpoint"):  # a start from a checkpoint: a resume
+            log_["resumed"].append(r)
+        elif event in ("start", "end"):
             log_[event].append(r)
     for log_ in out.values():
         log_["steps"] = sorted(log_["steps"].values(), key=lambda r: r["step"])

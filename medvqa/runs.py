@@ -10,8 +10,10 @@ Fields left out of the hash (``ID_EXCLUDED``) are the ones that cannot change th
 - ``run.evaluate``: whether the evaluation matrix follows training; a training run re-submitted with ``evaluate=true``
   must find its finished adapters instead of training again.
 - ``run.log_every_n_steps``, ``run.checkpoint_every_n_steps``, ``run.max_failures``: logging, checkpoint cadence and
-  fault tolerance; resuming is exact (optimizer, scheduler and data position are checkpointed), so they only decide
-  how much work a failure costs.
+  fault tolerance; resuming is exact (optimizer, scheduler, data position and random state are checkpointed), so they
+  only decide how much work a failure costs.
+- ``stage1.grad_accum``, ``stage2.grad_accum``: implied by ``global_batch_size``, ``batch_size`` and ``num_workers``
+  (config validation refuses a value that disagrees), so stating it or leaving it ``null`` is the same run.
 - ``run.tracking*``, ``run.verbose``: where the numbers are also sent (MLflow) and what the terminal shows.
 - ``model.cache_dir``: where the tiny model is built and cached (the tiny model is a function of ``model.seed``,
   which is hashed).
@@ -21,9 +23,12 @@ Fields left out of the hash (``ID_EXCLUDED``) are the ones that cannot change th
 - ``eval``: evaluation settings cannot change the trained weights; the predictions are keyed by what produced them
   (``medvqa.predictions``), not by the run id.
 
-Deliberately *kept* in the hash although they live under ``resources``: ``num_workers`` (the effective batch is
-``batch_size * grad_accum * num_workers`` and each worker sees a different shard) and ``use_gpu`` (bf16 compute on CUDA,
-fp32 on CPU). Changing either is a different experiment, and a checkpoint's step count would not line up.
+Deliberately *kept* in the hash although they live under ``resources``: ``num_workers`` and ``use_gpu``. The global
+batch does not change with the worker count (``global_batch_size`` is the experiment), but how it is computed does:
+each worker trains on its own part of every epoch's order, so the micro-batches hold different records (their loss is
+a per-micro-batch mean), an epoch drops its last ``records % num_workers`` records, and a checkpoint's data position
+counts one worker's records; ``use_gpu`` means bf16 compute on CUDA, fp32 on CPU. Changing either is a different
+(if statistically equivalent) run, whose checkpoints would not line up.
 
 Caveat: adding a field to ``Config`` changes every run id (the canonical dict gains a key); old run directories stay
 readable (``from_dict`` fills defaults) but a re-submission starts a new run.
@@ -84,6 +89,8 @@ ID_EXCLUDED: tuple[str, ...] = (
     "run.tracking_experiment",
     "run.tracking_adapters",
     "run.verbose",
+    "stage1.grad_accum",
+    "stage2.grad_accum",
     "model.cache_dir",
     "resources.cpus_per_worker",
     "resources.data_cpus_per_task",
@@ -454,10 +461,22 @@ def append_metrics(run_dir: RunDir | str | os.PathLike, record: dict) -> None:
         os.close(fd)  # unbuffered: the line is in the file once write returns
 
 
-def read_metrics(run_dir: RunDir | str | os.PathLike) -> list[dict]:
-    """All records of ``metrics.jsonl`` in order ([] when there is none). A torn last line (a crash mid-write) is
-    skipped with a warning."""
-    return read_jsonl(_as_path(run_dir) / "metrics.jsonl")
+def read_metrics(run_dir: RunDir | str | os.PathLike, superseded: bool = False) -> list[dict]:
+    """The records of ``metrics.jsonl`` in order ([] when there is none): what every reader of training metrics
+    (curves, reports, sweep scores) goes through. A torn last line (a crash mid-write) is skipped with a warning.
+
+    Rows superseded by a resume are left out unless ``superseded``: each start of a stage's training writes
+    ``{"event": "train_start", "stage": S, "step": k}`` (k: the restored checkpoint's step, 0 for a fresh start), and
+    the steps after k were trained again, so earlier rows of stage S with a step past k (losses, validation rounds,
+    checkpoints of the interrupted attempt) are dropped. The file itself stays append-only -- the full history of
+    attempts, faults and resumes is kept, and no reader races a writer -- and every step appears once here."""
+    records: list[dict] = []
+    for record in read_jsonl(_as_path(run_dir) / "metrics.jsonl"):
+        if record.get("event") == "train_start" and not superseded:
+            stage, step = record.get("stage"), record.get("step", 0)
+            records = [r for r in records if r.get("stage") != stage or r.get("step", -1) <= step]
+        records.append(record)
+    return records
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -471,9 +490,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             log.warning("%s:%d: skipping a line that is not JSON", path, n)
+            continue
+        records.append(record)
     return records
 
 

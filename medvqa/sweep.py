@@ -326,6 +326,7 @@ def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool =
     from ray.tune.search.optuna import OptunaSearch
 
     from medvqa import tracking
+    from medvqa.faults import export_driver_pgid
     from medvqa.model import resolve_model_path
     from medvqa.ray_init import init_ray
 
@@ -334,6 +335,7 @@ def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool =
     (sdir / "space.yaml").write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
     base = space.base_config()
     resolve_model_path(base.model)  # build the tiny model once, before trials race for it
+    export_driver_pgid()  # an injected driver fault in a trial kills this process group (medvqa.faults)
     init_ray(base, ray_temp_dir)
     tracking.start_sweep(space, sdir)  # the parent MLflow run of the trials (run.tracking=mlflow)
     trainable = tune.with_resources(tune.with_parameters(trial_fn, space=space.to_dict(), sweep_dir=str(sdir)),

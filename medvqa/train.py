@@ -6,41 +6,38 @@ Stage 1 (captioning) and stage 2 (VQA) are the same loop with different data, pr
 - ``merge``: the stage-1 adapter is frozen and a fresh adapter is trained on top (equivalent to merging stage 1 into
   the base, which for 4-bit weights would be lossy; GUIDE §5).
 
-Fault tolerance: every ``run.checkpoint_every_n_steps`` rank 0 writes adapter, optimizer, scheduler, step and data
-position as a Ray Train checkpoint under ``checkpoints/<stage>/``. A worker failure restarts the workers from it
-(``FailureConfig``); a killed and re-submitted job finds the same run dir (deterministic run id), skips finished
-stages and resumes the unfinished one from its latest checkpoint (Ray Train V2 restores by run name + storage path).
+Fault tolerance: resuming is exact. A checkpoint (``medvqa.trainstep.save_checkpoint``, every
+``run.checkpoint_every_n_steps``, at every epoch's end, at validation rounds and at the end) holds the adapter,
+optimizer, scheduler, step, epoch, the position in the epoch's seeded data order and every worker's random state, under
+``checkpoints/<stage>/``. A worker failure restarts the workers from it (``FailureConfig``); a killed and re-submitted
+job finds the same run dir (deterministic run id), skips finished stages and resumes the unfinished one from its
+latest checkpoint (Ray Train V2 restores by run name + storage path). Each worker builds its own dataset per epoch
+from the checkpoint's position (``medvqa.data.pipeline.training_dataset``), so a restart neither re-reads nor
+re-preprocesses the records already trained on. Faults can be injected at exact steps (``medvqa.faults``).
+
+What Ray Train V2 restores: the latest checkpoint in ``checkpoint_manager_snapshot.json``, which its controller writes
+when it registers a report, at its next poll of the workers (every 2 s; ``ray.train.report`` returns once the result
+is queued, and the queue holds one). A job killed in between restores the checkpoint before, and the step folder of
+the unregistered one is left on disk and overwritten when the resumed run reports that step again. Either way the
+steps after the restored checkpoint are trained again, identically, and metrics.jsonl rows of the lost attempt are
+superseded (``medvqa.runs.read_metrics``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
 
-from medvqa.config import Config, ResourcesConfig, StageConfig, from_dict, to_dict
+from medvqa.config import Config, ResourcesConfig, StageConfig, from_dict, grad_accum_steps, to_dict
 from medvqa.ray_init import init_ray
 from medvqa.runs import RunDir
 
 log = logging.getLogger("medvqa.train")
-
-STATE_FILE = "train_state.pt"  # optimizer, scheduler, step, data position (the adapter sits beside it)
-
-
-def steps_per_epoch(num_records: int, world_size: int, stage: StageConfig) -> int:
-    """Optimizer steps per epoch on each worker (shards are equal-sized; a trailing partial accumulation steps)."""
-    micro = math.ceil((num_records // world_size) / stage.batch_size)
-    return max(1, math.ceil(micro / stage.grad_accum))
-
-
-def total_steps(num_records: int, world_size: int, stage: StageConfig) -> int:
-    steps = math.ceil(steps_per_epoch(num_records, world_size, stage) * stage.epochs)
-    return min(steps, stage.max_steps) if stage.max_steps else steps
-
 
 def build_model_for_stage(cfg: Config, stage_name: str, run_dir: RunDir, use_gpu: bool):
     """The trainable model for a stage, following the hand-off policy."""
@@ -54,12 +51,6 @@ def build_model_for_stage(cfg: Config, stage_name: str, run_dir: RunDir, use_gpu
     return load_model(cfg, use_gpu=use_gpu)
 
 
-def _build_scheduler(optimizer, stage: StageConfig, num_steps: int):
-    from transformers import get_scheduler
-
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[stage.schedule]
-    return get_scheduler(name, optimizer, num_warmup_steps=min(stage.warmup_steps, num_steps),
-                         num_training_steps=num_steps)
 
 
 def validation_stage_name(stage_name: str) -> str:
@@ -100,15 +91,16 @@ def _read_records(folder: Path) -> list[dict]:
 
 
 def train_fn_per_worker(config: dict) -> None:
-    """Ray Train worker loop. ``config``: ``cfg`` (Config as dict), ``stage``, ``run_dir``, ``num_records`` and,
-    when the stage carves a validation set, ``validation_dir`` (its prepared records)."""
+    """Ray Train worker loop. ``config``: ``cfg`` (Config as dict), ``stage``, ``run_dir``, ``model_path``,
+    ``num_records``, ``faults`` and ``pgid`` (``medvqa.faults.faults_from_env``) and, when the stage carves a
+    validation set, ``validation_dir`` (its prepared records)."""
     import torch
     import ray.train
-    from ray.train import Checkpoint
 
-    from medvqa.data.pipeline import collate_fn_for
-    from medvqa.model import gpu_memory, load_processor, save_adapter, trainable_adapter
-    from medvqa import observe
+    from medvqa import observe, trainstep
+    from medvqa.data.pipeline import collate_fn_for, record_index, training_dataset
+    from medvqa.faults import fire, parse_faults
+    from medvqa.model import gpu_memory, load_processor, save_adapter
     from medvqa.runs import record_workers, worker_facts
 
     cfg: Config = from_dict(config["cfg"])
@@ -122,90 +114,90 @@ def train_fn_per_worker(config: dict) -> None:
     workers = gather_from_workers(worker_facts(device, rank))
     if rank == 0:
         record_workers(run_dir, stage_name, workers)  # every worker's GPU and CUDA, not only the driver's
+    geometry = trainstep.epoch_geometry(config["num_records"], world, stage.batch_size,
+                                        grad_accum_steps(stage, cfg.resources, stage_name))
+    num_steps = trainstep.total_steps(geometry, stage.epochs, stage.max_steps)
 
-    torch.manual_seed(cfg.run.seed)  # same LoRA init on every rank (DDP also broadcasts rank 0's at wrap time)
+    trainstep.seed_everything(cfg.run.seed)  # the same LoRA init on every rank (DDP also broadcasts rank 0's)
     model = build_model_for_stage(cfg, stage_name, run_dir, use_gpu)
+    trainstep.seed_everything(trainstep.derived_seed(cfg.run.seed, stage_name, rank))  # dropout: per rank
     processor = load_processor(cfg.model)
     collate_fn = collate_fn_for(processor)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=stage.weight_decay)
-    num_steps = total_steps(config["num_records"], world, stage)
-    scheduler = _build_scheduler(optimizer, stage, num_steps)
-
-    step, epoch, skip_micro = 0, 0, 0
+    optimizer = trainstep.build_optimizer(model, stage)
+    scheduler = trainstep.build_scheduler(optimizer, stage, num_steps)
+    setup = {"num_records": config["num_records"], "world_size": world, "batch_size": stage.batch_size,
+             "grad_accum": geometry.grad_accum, "seed": cfg.run.seed}
+    progress = {"step": 0, "epoch": 0, "micro_in_epoch": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
-            state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=False)
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            weights = load_file(str(Path(ckpt_dir) / "adapter" / "adapter_model.safetensors"))
-            set_peft_model_state_dict(model, weights, adapter_name=trainable_adapter(model))
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            step, epoch, skip_micro = state["step"], state["epoch"], state["micro_in_epoch"]
-        if rank == 0:
-            log.info("[%s] resuming from checkpoint at step %d (epoch %d, %d micro-batches in)", stage_name, step,
-                     epoch, skip_micro)
-            observe.record(run_dir, {"stage": stage_name, "event": "resumed", "step": step})
+            state = trainstep.load_checkpoint(Path(ckpt_dir), model, optimizer, scheduler, rank, expect=setup)
+        progress = {k: state[k] for k in progress}
+    if rank == 0:
+        # Supersedes the rows an interrupted attempt logged past this step (medvqa.runs.read_metrics).
+        observe.record(run_dir, {"stage": stage_name, "event": "train_start", **progress, "total_steps": num_steps,
+                                "checkpoint": Path(checkpoint.path).name if checkpoint else None})
+        log.info("[%s] %s at step %d/%d (epoch %d, %d of %d micro-batches in); %d steps per epoch of %d x %d "
+                 "micro-batches x %d workers", stage_name, "resuming" if checkpoint else "starting", progress["step"],
+                 num_steps, progress["epoch"], progress["micro_in_epoch"], geometry.micro_batches, geometry.steps,
+                 stage.batch_size, geometry.grad_accum, world)
 
     # The model is already on its device (load_model's device_map places 4-bit weights; .to() must not move them).
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False,
                                               parallel_strategy="ddp" if world > 1 else None)
     autocast_dtype = torch.bfloat16 if use_gpu else None  # bf16 autocast on GPU; CPU trains in fp32
-    shard = ray.train.get_dataset_shard("train")
-    steps_epoch = steps_per_epoch(config["num_records"], world, stage)
+    records_dir = run_dir.data(stage_name)
+    index = record_index(records_dir)
+    if sum(g.rows for g in index) != config["num_records"]:
+        raise RuntimeError(f"[{stage_name}] {records_dir} holds {sum(g.rows for g in index)} records, its manifest "
+                           f"{config['num_records']}")
     validation_rows = _read_records(Path(config["validation_dir"])) if config.get("validation_dir") else []
-    validate_every = stage.validate_every_n_steps or steps_epoch
     # Validation rounds are numbered from the step, so a resumed stage continues the count (Tune's ASHA compares
-    # trials at equal rounds).
+    # trials at equal rounds); by default they fall on epoch ends.
+    validate_every = stage.validate_every_n_steps or geometry.steps
+    faults = parse_faults(config.get("faults", ""))
+    last_checkpoint = Path(checkpoint.path).name if checkpoint else None
     model.train()
 
-    def save_checkpoint(micro_in_epoch: int, metrics: dict) -> None:
+    def save_checkpoint(metrics: dict) -> str:
+        name = f"step_{progress['step']:06d}"
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_adapter(model, Path(tmp) / "adapter")
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                            "epoch": epoch, "micro_in_epoch": micro_in_epoch}, Path(tmp) / STATE_FILE)
-                ckpt = Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{step:06d}")
-            if rank == 0:
-                observe.record(run_dir, {"stage": stage_name, "event": "checkpoint", "step": step})
+            trainstep.save_checkpoint(Path(tmp), model, optimizer, scheduler, {**progress, **setup}, rank)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+        if rank == 0:
+            observe.record(run_dir, {"stage": stage_name, "event": "checkpoint", **progress})
+        return name
 
-    t_window, samples_window, tokens_window, loss_window, micro_window = time.perf_counter(), 0, 0, 0.0, 0
+    t_window, samples_window, tokens_window, loss_window, steps_window = time.perf_counter(), 0, 0, 0.0, 0
     last = {}
-    while step < num_steps:
-        micro = 0
-        optimizer.zero_grad(set_to_none=True)
-        for batch in shard.iter_torch_batches(batch_size=stage.batch_size,
-                                              collate_fn=collate_fn, device="cpu",
-                                              prefetch_batches=4):
-            micro += 1
-            if micro <= skip_micro:  # data position from the checkpoint: skip what was trained on
-                continue
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = ddp_model(**batch).loss / stage.grad_accum
-            loss.backward()
-            loss_window += loss.item() * stage.grad_accum
-            micro_window += 1
-            samples_window += batch["input_ids"].shape[0]
-            tokens_window += int(batch["attention_mask"].sum())
-            end_of_epoch = micro >= steps_epoch * stage.grad_accum
-            if micro % stage.grad_accum and not end_of_epoch:
-                continue
-            if stage.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainable, stage.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+    while progress["step"] < num_steps:
+        epoch = progress["epoch"]
+        ds = training_dataset(records_dir, stage, config["model_path"], cfg.resources, cfg.model.do_image_splitting,
+                              cfg.model.longest_edge, seed=cfg.run.seed, epoch=epoch, rank=rank, world=world,
+                              start=progress["micro_in_epoch"] * stage.batch_size, index=index)
+        batches = iter(ds.iter_torch_batches(batch_size=stage.batch_size, collate_fn=collate_fn, device="cpu",
+                                             prefetch_batches=4))
+        while progress["epoch"] == epoch and progress["step"] < num_steps:
+            n_micro = geometry.micro_in_step(progress["micro_in_epoch"])
+            stats = trainstep.optimizer_step(ddp_model, batches, n_micro, optimizer, scheduler, stage.max_grad_norm,
+                                             device, autocast_dtype)
+            progress["step"] += 1
+            progress["micro_in_epoch"] += n_micro
+            end_of_epoch = progress["micro_in_epoch"] == geometry.micro_batches
+            if end_of_epoch:  # a checkpoint here resumes at the next epoch's first record
+                progress.update(epoch=epoch + 1, micro_in_epoch=0)
+                if next(batches, None) is not None:
+                    raise RuntimeError(f"[{stage_name}] worker {rank}: epoch {epoch} has more than "
+                                       f"{geometry.micro_batches} micro-batches")
+            step = progress["step"]
+            loss_window += stats["loss"]
+            steps_window += 1
+            samples_window += stats["samples"]
+            tokens_window += stats["tokens"]
             if step % cfg.run.log_every_n_steps == 0 or step == num_steps:
                 elapsed = time.perf_counter() - t_window
                 last = {"stage": stage_name, "step": step, "total_steps": num_steps, "epoch": epoch,
-                        "loss": loss_window / max(micro_window, 1), "lr": scheduler.get_last_lr()[0],
+                        "loss": loss_window / steps_window, "lr": scheduler.get_last_lr()[0],
                         "samples_per_s": samples_window * world / elapsed,
                         "tokens_per_s": tokens_window * world / elapsed, **gpu_memory(device)}
                 if rank == 0:
@@ -214,38 +206,57 @@ def train_fn_per_worker(config: dict) -> None:
                              step, num_steps, 100 * step / num_steps, last["loss"], last["lr"],
                              last["samples_per_s"], last["tokens_per_s"],
                              f" GPU peak {last['gpu_peak_reserved_gib']:.1f} GiB" if use_gpu else "")
-                t_window, samples_window, tokens_window, loss_window, micro_window = time.perf_counter(), 0, 0, 0.0, 0
+                t_window, samples_window, tokens_window, loss_window, steps_window = time.perf_counter(), 0, 0, 0.0, 0
             # ray.train.report blocks until the Train controller polls the worker (every 2 s by default), so metrics
             # go to Ray (the dashboard's Train view) only with checkpoints; every logged step goes to the job log and
             # metrics.jsonl.
-            validate = validation_rows and (step % validate_every == 0 or step == num_steps)
-            if validate:
+            val_round = None
+            if validation_rows and (step % validate_every == 0 or step == num_steps):
+                val_round = math.ceil(step / validate_every)
                 val = {}
                 if rank == 0:
                     t_val = time.perf_counter()
                     val = validation_metrics(model, processor, validation_rows, stage.prompt, seed=cfg.run.seed)
                     val.update({"stage": stage_name, "step": step, "total_steps": num_steps, "event": "validation",
-                                "val_round": math.ceil(step / validate_every), "val_final": step == num_steps,
+                                "val_round": val_round, "val_final": step == num_steps,
                                 "val_seconds": round(time.perf_counter() - t_val, 2)})
                     observe.record(run_dir, val)
                     log.info("[%s] step %d validation (%d questions, %.1f s): normalized EM %.3f, F1 %.3f",
                              stage_name, step, val["val_n"], val["val_seconds"], val["val_normalized_em"],
                              val["val_normalized_f1"])
                 t_window = time.perf_counter()  # generation time is not training throughput
-                save_checkpoint(micro, {**last, **val})
-            elif step % cfg.run.checkpoint_every_n_steps == 0 or step == num_steps:
-                save_checkpoint(micro, last or {"stage": stage_name, "step": step})
-            if step >= num_steps or end_of_epoch:
-                break
-        if micro <= skip_micro:
-            raise RuntimeError(f"[{stage_name}] worker {rank} got no data in epoch {epoch} (shard of "
-                               f"{config['num_records']} records over {world} workers)")
-        epoch += 1
-        skip_micro = 0
+                last_checkpoint = save_checkpoint({**last, **val})
+            elif step % cfg.run.checkpoint_every_n_steps == 0 or end_of_epoch or step == num_steps:
+                last_checkpoint = save_checkpoint(last or {"stage": stage_name, "step": step})
+            if faults and rank == 0:
+                fire(faults, stage_name, run_dir, config["pgid"], step=step, val_round=val_round,
+                     wait=functools.partial(_wait_until_registered, last_checkpoint))
 
     if rank == 0:
         save_adapter(model, run_dir.adapter(stage_name))
-        log.info("[%s] finished at step %d; adapter saved to %s", stage_name, step, run_dir.adapter(stage_name))
+        log.info("[%s] finished at step %d; adapter saved to %s", stage_name, progress["step"],
+                 run_dir.adapter(stage_name))
+
+
+def _wait_until_registered(checkpoint_dir_name: str | None, timeout_s: float = 300) -> None:
+    """Block until Ray Train's checkpoint manager lists ``checkpoint_dir_name`` as the latest checkpoint (its snapshot
+    in storage), so a fault injected now restores exactly that checkpoint."""
+    import ray.train
+
+    if checkpoint_dir_name is None:
+        return
+    storage = ray.train.get_context().get_storage()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with storage.storage_filesystem.open_input_stream(storage.checkpoint_manager_snapshot_path) as f:
+                snapshot = json.loads(f.read())
+            if (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name") == checkpoint_dir_name:
+                return
+        except (OSError, ValueError):  # not written yet, or caught mid-write
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"Ray Train did not register checkpoint {checkpoint_dir_name} within {timeout_s:.0f} s")
 
 
 def gather_from_workers(obj) -> list:
@@ -274,8 +285,9 @@ def fit_stage(cfg: Config, stage_name: str, run_dir: RunDir, model_path: str, ca
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from medvqa.data.pipeline import prepare_records, training_dataset
     from medvqa import observe
+    from medvqa.data.pipeline import prepare_records
+    from medvqa.faults import faults_from_env, parse_faults
 
     stage: StageConfig = getattr(cfg, stage_name)
     manifest = prepare_records(stage.data, run_dir.data(stage_name), run_dir.rejects(stage_name),
@@ -284,8 +296,12 @@ def fit_stage(cfg: Config, stage_name: str, run_dir: RunDir, model_path: str, ca
              manifest["reject_reasons"] or "no rejects")
     observe.record(run_dir, {"stage": stage_name, "event": "data", "records": manifest["valid"],
                              "rejected": manifest["rejected"], "reject_reasons": manifest["reject_reasons"]})
-    loop_config = {"cfg": to_dict(cfg), "stage": stage_name, "run_dir": str(run_dir.path),
-                   "num_records": manifest["valid"]}
+    fault_config = faults_from_env()
+    parse_faults(fault_config["faults"])  # a malformed spec fails here, not in a worker
+    # No datasets go to the trainer: each worker builds its part of each epoch itself, from its checkpoint's position
+    # (medvqa.data.pipeline.training_dataset), which a dataset fixed at submission could not follow across restarts.
+    loop_config = {"cfg": to_dict(cfg), "stage": stage_name, "run_dir": str(run_dir.path), "model_path": model_path,
+                   "num_records": manifest["valid"], **fault_config}
     if stage.data.validation_fraction:
         val_name = validation_stage_name(stage_name)
         val_manifest = prepare_records(stage.data, run_dir.data(val_name), run_dir.rejects(val_name), cfg.resources,
@@ -296,8 +312,6 @@ def fit_stage(cfg: Config, stage_name: str, run_dir: RunDir, model_path: str, ca
         log.info("[%s] validation: %d questions on %d images, image-disjoint from the %d training records",
                  stage_name, val_manifest["valid"], val_manifest["unique_images"], manifest["valid"])
         loop_config["validation_dir"] = str(run_dir.data(val_name))
-    ds = training_dataset(run_dir.data(stage_name), stage, model_path, cfg.resources,
-                          cfg.model.do_image_splitting, cfg.model.longest_edge, cfg.run.seed)
     r = cfg.resources
     trainer = TorchTrainer(
         train_fn_per_worker,
@@ -307,8 +321,7 @@ def fit_stage(cfg: Config, stage_name: str, run_dir: RunDir, model_path: str, ca
         run_config=ray.train.RunConfig(
             name=stage_name, storage_path=str(run_dir.checkpoints()),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks),
-        datasets={"train": ds})
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks))
     t0 = time.perf_counter()
     result = trainer.fit()
     summary = {"stage": stage_name, "records": manifest["valid"], "rejected": manifest["rejected"],
@@ -320,6 +333,7 @@ def fit_stage(cfg: Config, stage_name: str, run_dir: RunDir, model_path: str, ca
 def run_two_stage(cfg: Config, ray_temp_dir: str | None = None, callbacks: list | None = None) -> Path:
     """The main job: both stages (or the enabled one), ending in a self-describing run directory. ``callbacks`` go
     to every stage's TorchTrainer."""
+    from medvqa.faults import export_driver_pgid, faults_from_env, fire, parse_faults
     from medvqa.model import resolve_model_path
     from medvqa import observe
     from medvqa.runs import prepare_run_dir, write_json
@@ -327,7 +341,10 @@ def run_two_stage(cfg: Config, ray_temp_dir: str | None = None, callbacks: list 
     rd = prepare_run_dir(cfg)
     log.info("run dir: %s", rd.path)
     model_path = resolve_model_path(cfg.model)  # builds the tiny model once, before workers race for it
+    export_driver_pgid()
     init_ray(cfg, ray_temp_dir)
+    fault_env = faults_from_env()
+    faults = parse_faults(fault_env["faults"])
     summaries = []
     for stage_name, _ in cfg.stages():
         if (rd.adapter(stage_name) / "adapter_config.json").exists():
@@ -337,6 +354,7 @@ def run_two_stage(cfg: Config, ray_temp_dir: str | None = None, callbacks: list 
         summary = fit_stage(cfg, stage_name, rd, model_path, callbacks)
         observe.record(rd, {"stage": stage_name, "event": "end", "seconds": summary["seconds"]})
         summaries.append(summary)
+        fire(faults, stage_name, rd, fault_env["pgid"], end=None)
     previous = json.loads(rd.stages_summary.read_text()) if rd.stages_summary.exists() else []
     write_json(rd.stages_summary, previous + summaries)
     # One data manifest for the run: per stage, what was read, kept and rejected (and where the rejects are).

@@ -1,6 +1,10 @@
 """Shared fixtures."""
 
+import os
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +53,49 @@ def train_tiny_adapter(cfg, processor, steps: int, lr: float = 3e-2):
         opt.step()
         losses.append(loss.item())
     return model, losses
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The reference two-stage run (tiny model, phantoms): small but learnable, and shaped to exercise resume. Micro-batches
+# of 2 accumulated in pairs over odd micro-batch counts, so every epoch ends on a short step: stage 1 has 46 records =
+# 23 micro-batches = 12 steps per epoch (x2), stage 2 94 records = 24 steps per epoch (x3); checkpoints every 8 steps
+# and at epoch ends.
+REFERENCE_ARGS = ["--preset", "tiny", "stage1.data.num_records=46", "stage1.epochs=2", "stage2.data.num_records=94",
+                  "stage2.epochs=3", "stage1.batch_size=2", "stage2.batch_size=2", "stage1.global_batch_size=4",
+                  "stage2.global_batch_size=4", "run.checkpoint_every_n_steps=8", "run.log_every_n_steps=1",
+                  "resources.num_cpus=2"]
+
+
+def job_env(**extra) -> dict:
+    """Environment for a `jobs/two_stage.py` subprocess: its own local Ray (short temp dir), no injected faults."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+           **extra}
+    for key in ("RAY_ADDRESS", "MEDVQA_FAULT", "MEDVQA_FAULT_PGID"):
+        if key not in extra:
+            env.pop(key, None)
+    return env
+
+
+def run_job(args: list[str], env: dict, log_path: Path) -> int:
+    """`python jobs/two_stage.py ARGS` in its own session (a driver-group SIGKILL stays inside it); its return code
+    (-9 when an injected fault killed it)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "two_stage.py"), *args], env=env, cwd=ROOT,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True, timeout=900)
+    return proc.returncode
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """(cfg, run_dir) of one uninterrupted `jobs/two_stage.py` run of REFERENCE_ARGS: the run every resumed or
+    repeated run is compared with."""
+    from medvqa.config import load_config
+    from medvqa.runs import run_dir_for
+
+    out = tmp_path_factory.mktemp("reference")
+    args = [*REFERENCE_ARGS, f"run.output_dir={out}"]
+    code = run_job(args, job_env(), out / "job.log")
+    assert code == 0, (out / "job.log").read_text()[-4000:]
+    cfg = load_config("tiny", args[2:])
+    return cfg, run_dir_for(cfg).path

@@ -5,8 +5,8 @@ import re
 import pytest
 import yaml
 
-from medvqa.config import (LORA_TARGET_REGEX, Config, ConfigError, dump_yaml, field_docs, from_dict, list_presets,
-                           load_config, parse_overrides)
+from medvqa.config import (LORA_TARGET_REGEX, Config, ConfigError, dump_yaml, field_docs, from_dict, grad_accum_steps,
+                           list_presets, load_config, parse_overrides, to_dict)
 
 
 @pytest.mark.parametrize("preset", list_presets())
@@ -30,8 +30,28 @@ def test_paper_preset_is_the_study():
     assert (s1.task, s1.lr, s1.epochs, s1.data.limit) == ("caption", 1e-5, 3, 55000)
     assert (s2.task, s2.lr, s2.epochs, s2.prompt) == ("vqa", 1e-4, 2, "Answer briefly.")
     for s in (s1, s2):
-        assert (s.batch_size, s.grad_accum, s.warmup_steps, s.weight_decay) == (2, 8, 50, 0.01)
+        assert (s.global_batch_size, s.batch_size, s.warmup_steps, s.weight_decay) == (16, 2, 50, 0.01)
+        assert grad_accum_steps(s, cfg.resources) == 8  # 2 per GPU x 8 accumulated x 1 GPU
     assert cfg.run.handoff == "continue"
+
+
+def test_global_batch_is_the_experiment_and_grad_accum_follows():
+    # More workers: fewer micro-batches each, the same 16 examples per optimizer step.
+    cfg = load_config("paper", ["resources.num_workers=2"])
+    assert grad_accum_steps(cfg.stage2, cfg.resources) == 4
+    # A batch the workers cannot share evenly, or an explicit grad_accum that disagrees: errors naming the keys.
+    with pytest.raises(ConfigError, match=r"stage1\.global_batch_size=16 .* stage1\.batch_size x "
+                                          r"resources\.num_workers = 2 x 3"):
+        load_config("paper", ["resources.num_workers=3"])
+    with pytest.raises(ConfigError, match=r"stage1\.grad_accum=8 disagrees .* = 4"):
+        load_config("paper", ["resources.num_workers=2", "stage1.grad_accum=8"])
+    assert load_config("paper", ["stage1.grad_accum=8"]).stage1.grad_accum == 8  # stated and consistent: fine
+    # A config written before global_batch_size existed (batch x accum x workers) still loads.
+    old = to_dict(load_config("tiny"))
+    for name in ("stage1", "stage2"):
+        old[name].pop("global_batch_size")
+        old[name].update(batch_size=2, grad_accum=3)
+    assert from_dict(old).stage2.global_batch_size == 6
 
 
 def test_single_stage_baselines_share_the_stage2_budget():

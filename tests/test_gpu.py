@@ -7,6 +7,7 @@ one test about Ray Train (skipped there), and a test here checks that the benchm
 import none of them.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -236,25 +237,22 @@ def _batches(processor, n_batches: int = 2, batch_size: int = 4) -> list[dict]:
 
 
 def _step(model, optimizer, batch, device) -> float:
-    """One optimizer step as medvqa.train's worker loop takes it (bf16 autocast on CUDA, clip 1.0). Switch to the
-    shared Ray-free step function once medvqa.train has one."""
-    batch = {k: v.to(device) for k, v in batch.items()}
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(**batch).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    """One optimizer step of medvqa.train's worker loop (medvqa.trainstep: bf16 autocast on CUDA, clip 1.0)."""
+    from medvqa import trainstep
+
+    optimizer, scheduler = optimizer
+    return trainstep.optimizer_step(model, iter([batch]), 1, optimizer, scheduler, 1.0, device, torch.bfloat16)["loss"]
 
 
 def _fresh(cfg):
+    """A freshly loaded model and its (AdamW, constant schedule) at lr 3e-3."""
+    from medvqa import trainstep
     from medvqa.model import load_model
 
     torch.manual_seed(0)
     model = load_model(cfg, use_gpu=True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.01)
-    return model, optimizer
+    optimizer = trainstep.build_optimizer(model, dataclasses.replace(cfg.stage1, lr=3e-3, weight_decay=0.01))
+    return model, (optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0))
 
 
 @pytest.fixture(scope="module")
@@ -299,12 +297,9 @@ def test_a_gpu_step_changes_only_lora_weights(tiny_model_dir, gpu_processor):
 @pytest.mark.gpu
 @gpu
 def test_checkpoint_save_and_resume_on_gpu_continues_exactly(tiny_model_dir, gpu_processor, tmp_path):
-    """The worker loop's checkpoint (adapter + optimizer state, medvqa.train) taken after step 1 and resumed into a
-    fresh model gives the LoRA weights of an uninterrupted run after step 3."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from medvqa.model import save_adapter
+    """The worker loop's checkpoint (medvqa.trainstep: adapter, optimizer, scheduler, RNG incl. CUDA) taken after step
+    1 and resumed into a fresh model gives the LoRA weights of an uninterrupted run after step 3."""
+    from medvqa import trainstep
 
     cfg, device = _gpu_cfg(tiny_model_dir), torch.device("cuda")
     batches = _batches(gpu_processor, 3)
@@ -315,13 +310,11 @@ def test_checkpoint_save_and_resume_on_gpu_continues_exactly(tiny_model_dir, gpu
 
     model, optimizer = _fresh(cfg)
     _step(model, optimizer, batches[0], device)
-    save_adapter(model, tmp_path / "adapter")
-    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    trainstep.save_checkpoint(tmp_path, model, *optimizer, {"step": 1}, rank=0)
     del model, optimizer
     model, optimizer = _fresh(cfg)
-    set_peft_model_state_dict(model, load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
-    optimizer.load_state_dict(torch.load(tmp_path / "optimizer.pt", map_location="cpu"))
-    assert next(iter(optimizer.state.values()))["exp_avg"].device.type == "cuda"  # state follows the params
+    assert trainstep.load_checkpoint(tmp_path, model, *optimizer, rank=0)["step"] == 1
+    assert next(iter(optimizer[0].state.values()))["exp_avg"].device.type == "cuda"  # state follows the params
     for b in batches[1:]:
         _step(model, optimizer, b, device)
     resumed = {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}
@@ -461,7 +454,7 @@ def test_paper_configuration_on_the_8b_shape_one_step_per_stage_on_cpu(tmp_path)
         f"model.name_or_path={model_dir}", "resources.use_gpu=false", f"run.output_dir={tmp_path / 'runs'}",
         "stage1.data.kind=roco_hf", f"stage1.data.path={parquet('caption', tmp_path / 'roco.parquet')}",
         "stage2.data.kind=vqa_rad_hf", f"stage2.data.path={parquet('vqa', tmp_path / 'vqa_rad.parquet')}",
-        "stage1.grad_accum=2", "stage2.grad_accum=2",
+        "stage1.global_batch_size=4", "stage2.global_batch_size=4",
         "stage1.max_steps=1", "stage2.max_steps=1", "run.log_every_n_steps=1",
         "resources.cpus_per_worker=0.5", "resources.data_cpus_per_task=0.25", "resources.data_concurrency=2",
         "resources.num_cpus=2"])

@@ -36,6 +36,7 @@ def _scrape(url: str, seen: dict) -> None:
 def observed(ray_local, tmp_path_factory):
     import ray
 
+    from medvqa.evaluate import evaluate_run
     from medvqa.observe import session
     from medvqa.train import run_two_stage
 
@@ -57,8 +58,8 @@ def observed(ray_local, tmp_path_factory):
     scraper = threading.Thread(target=scrape_during_the_run, daemon=True)
     scraper.start()
     terminal = io.StringIO()
-    with session(cfg, "train", preset="tiny_single_stage", terminal=terminal) as rd:
-        run_two_stage(cfg)
+    with session(cfg, "train", preset="tiny_single_stage", terminal=terminal) as rd:  # as `medvqa train` does
+        evaluate_run(run_two_stage(cfg))
     stop.set()
     scraper.join()
     for _ in range(30):  # the driver's last evaluation batches reach the endpoint at Ray's next export (~10 s)

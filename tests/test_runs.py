@@ -45,10 +45,11 @@ def test_run_id_is_stable_across_processes():
 
 
 @pytest.mark.parametrize("override", ["run.seed=1", "stage2.lr=3e-4", "lora.r=16", "stage1.data.limit=100",
-                                      "model.name_or_path=other", "resources.num_workers=2", "resources.use_gpu=true",
-                                      "run.name=other"])
+                                      "model.name_or_path=other", "resources.use_gpu=true", "run.name=other",
+                                      "stage2.global_batch_size=8",
+                                      "resources.num_workers=2 stage1.batch_size=2 stage2.batch_size=2"])
 def test_run_id_changes_with_what_changes_results(override):
-    assert run_id(_cfg(None, override)) != run_id(_cfg())
+    assert run_id(_cfg(None, *override.split())) != run_id(_cfg())
 
 
 @pytest.mark.parametrize("override", ["run.output_dir=/elsewhere", "run.evaluate=true", "run.log_every_n_steps=7",
@@ -56,7 +57,7 @@ def test_run_id_changes_with_what_changes_results(override):
                                       "model.cache_dir=/tmp/cache", "resources.num_cpus=2",
                                       "resources.cpus_per_worker=2", "resources.data_cpus_per_task=1",
                                       "resources.data_concurrency=8", "eval.max_new_tokens=8",
-                                      "eval.conditions=true"])
+                                      "eval.conditions=true", "stage2.grad_accum=1"])
 def test_run_id_ignores_where_and_how_often(override):
     assert run_id(_cfg(None, override)) == run_id(_cfg())
 
@@ -174,6 +175,30 @@ def test_metrics_append_and_read(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert isinstance(rows[0]["time"], float) and rows[0]["time"] > 1.6e9
     assert rows[1]["time"] == 123.0
+
+
+def test_rows_past_a_restored_checkpoint_are_superseded(tmp_path):
+    """An attempt logs steps 1-5 (checkpoint at 4, validation at 5) and dies; the resumed attempt restarts at step 4
+    and logs 5-6: every step once, the resumed attempt's rows win; the raw history stays in the file."""
+    rows = [{"stage": "stage1", "event": "train_start", "step": 0}]
+    rows += [{"stage": "stage1", "step": s, "loss": 10 - s} for s in range(1, 6)]
+    rows += [{"stage": "stage1", "event": "checkpoint", "step": 4}, {"stage": "stage1", "event": "validation",
+                                                                       "step": 5, "val_round": 1},
+             {"stage": "stage1", "event": "fault", "fault": "stage1:step=5:driver"},
+             {"stage": "stage1", "event": "train_start", "step": 4}]
+    rows += [{"stage": "stage1", "step": s, "loss": 0.5 - s / 100} for s in (5, 6)]
+    rows += [{"stage": "stage1", "event": "validation", "step": 5, "val_round": 1}, {"stage": "stage1", "event": "end"},
+             {"stage": "stage2", "event": "train_start", "step": 0}, {"stage": "stage2", "step": 1, "loss": 3.0}]
+    for r in rows:
+        append_metrics(tmp_path, r)
+    kept = read_metrics(tmp_path)
+    losses = [(r["stage"], r["step"], r["loss"]) for r in kept if "loss" in r]
+    assert losses == [("stage1", 1, 9), ("stage1", 2, 8), ("stage1", 3, 7), ("stage1", 4, 6), ("stage1", 5, 0.45),
+                      ("stage1", 6, 0.44), ("stage2", 1, 3.0)]
+    assert [r["step"] for r in kept if r.get("event") == "validation"] == [5]
+    assert [r["step"] for r in kept if r.get("event") == "checkpoint"] == [4]
+    assert any(r.get("event") == "fault" for r in kept)  # rows without a step are history, not superseded
+    assert len(read_metrics(tmp_path, superseded=True)) == len(rows)
 
 
 def test_write_json_is_atomic_and_read_json_default(tmp_path):

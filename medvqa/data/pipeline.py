@@ -5,9 +5,20 @@ Two passes, both streaming (no step ever holds the whole data set):
    tasks -> valid rows written as parquet under ``data/<stage>/``; rejected rows are written by the same tasks to
    ``rejects/<stage>/`` (no image bytes), then gathered into ``rejects/<stage>.jsonl`` with a manifest. The run stops
    when rejects exceed ``run.max_reject_fraction``. A finished stage is reused on restart.
-2. ``training_dataset``: the prepared parquet -> ``preprocess_batch`` (image decode/resize and the processor's chat
+2. ``training_dataset``: one worker's part of one epoch, in a seeded order (``rank_plan``) -> read tasks that take
+   just those records out of the prepared parquet -> ``preprocess_batch`` (image decode/resize and the processor's chat
    template, labels masked with -100 outside the answer) in parallel tasks; ``collate`` pads micro-batches on the
    worker.
+
+Data order. An epoch's order is a pure function of (``run.seed``, epoch, the prepared records): the row groups of the
+prepared parquet, in a canonical order (by their records' ids, not by Ray's random file names, so a re-prepared stage
+orders the same), are permuted with a generator seeded by (seed, epoch); consecutive groups form windows of at least
+``SHUFFLE_WINDOW`` records, and each window's records are permuted too. Worker ``rank`` of ``world`` takes the
+positions ``i % world == rank`` (``num_records // world`` of them, the same number on every worker). A window is read
+once and its records shuffled in memory, so the shuffle costs no random access into the parquet: records mix across
+the whole data set at row-group granularity and fully within a window. A checkpoint's position (micro-batches done in
+the epoch) then names exactly the records already trained on, and a resumed worker's dataset starts after them:
+skipped records are never read or preprocessed.
 """
 
 from __future__ import annotations
@@ -34,6 +45,9 @@ _RAW_CHUNK = 64  # raw records per Ray Data block when reading from a driver-sid
 _DRIVER_CHUNK = 4096  # raw records the driver reads from an adapter before handing them to Ray Data
 _ROWS_PER_FILE = 1024  # prepared records per parquet file
 _ROWS_PER_BLOCK = 32  # records per preprocessing task: small enough to spread over the tasks, large enough to amortise
+SHUFFLE_WINDOW = 1024  # records shuffled together in memory (raw bytes: ~100 MB of 100 KB images per window in flight)
+_ORDER_SALT = 0x0D_A7A0  # keeps the data order's generator apart from others seeded with run.seed
+_READ_COLUMNS = ["id", "image", "prompt", "target"]
 _MANIFEST_COLUMNS = ["id", "image_id", "split", "source", "answer_type", "question_type"]
 
 
@@ -44,7 +58,7 @@ def configure_data_context(resources: ResourcesConfig) -> None:
     if resources.data_buffer_mb:
         ctx.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
             object_store_memory=resources.data_buffer_mb * 2**20)
-    ctx.execution_options.preserve_order = True  # same order every epoch and after a restart: data position is exact
+    ctx.execution_options.preserve_order = True  # batches arrive in the planned order: the data position is exact
     # Our log lines carry the progress (step/total, loss, throughput); Ray Data's per-operator bars would bury them
     # in the job log (the dashboard still shows every operator).
     ctx.enable_progress_bars = False
@@ -301,17 +315,110 @@ def _unpack(batch: dict, key: str, dtype) -> list:
     return [np.frombuffer(b, dtype=dtype).reshape(tuple(shape)) for b, shape in zip(batch[key], batch[key + "_shape"])]
 
 
+@dataclasses.dataclass(frozen=True)
+class RowGroup:
+    """One row group of the prepared parquet: where it is, how many records, and its canonical sort key."""
+
+    file: str
+    index: int
+    rows: int
+    key: tuple
+
+
+def record_index(records_dir: Path) -> list[RowGroup]:
+    """The prepared records' row groups in canonical order: by first record id, then a hash of all their ids. Only
+    the id column is read."""
+    import pyarrow.parquet as pq
+
+    groups = []
+    for f in sorted(Path(records_dir).glob("*.parquet")):
+        pf = pq.ParquetFile(f)
+        for g in range(pf.num_row_groups):
+            ids = [str(i) for i in pf.read_row_group(g, columns=["id"]).column("id").to_pylist()]
+            if ids:
+                key = (ids[0], hashlib.sha1("\n".join(ids).encode()).hexdigest())
+                groups.append(RowGroup(str(f), g, len(ids), key))
+    if not groups:
+        raise FileNotFoundError(f"no prepared records under {records_dir}")
+    return sorted(groups, key=lambda g: g.key)
+
+
+def epoch_order(index: list[RowGroup], seed: int, epoch: int) -> list[tuple[list[int], np.ndarray]]:
+    """The epoch's windows, in order: (row groups, as positions in ``index``; the order of the window's records, as
+    positions in those groups' rows concatenated)."""
+    rng = np.random.default_rng([_ORDER_SALT, seed, epoch])
+    windows, current, rows = [], [], 0
+    for g in rng.permutation(len(index)).tolist():
+        current.append(g)
+        rows += index[g].rows
+        if rows >= SHUFFLE_WINDOW:
+            windows.append(current)
+            current, rows = [], 0
+    if current:
+        windows.append(current)
+    return [(w, rng.permutation(sum(index[g].rows for g in w))) for w in windows]
+
+
+def rank_plan(index: list[RowGroup], seed: int, epoch: int, rank: int = 0, world: int = 1,
+              start: int = 0) -> list[dict]:
+    """Read tasks for worker ``rank``'s records of ``epoch``, from its ``start``-th record on. Each task is one window:
+    ``files`` and ``row_groups`` to read (only those holding wanted records) and ``rows``, positions in their
+    concatenation, in training order."""
+    per_rank = sum(g.rows for g in index) // world
+    tasks, offset = [], 0  # offset: position of the window's first record in the epoch's order
+    for groups, order in epoch_order(index, seed, epoch):
+        mine = np.flatnonzero((offset + np.arange(len(order))) % world == rank)  # this worker's window positions
+        numbers = (offset + world - 1 - rank) // world + np.arange(len(mine))  # their numbers in its order
+        offset += len(order)
+        keep = mine[(numbers >= start) & (numbers < per_rank)]
+        if not len(keep):
+            continue
+        rows = order[keep]  # positions among the window's records (its groups concatenated)
+        sizes = np.array([index[g].rows for g in groups])
+        group_of = np.searchsorted(np.cumsum(sizes), rows, side="right")
+        unread = np.ones(len(groups), dtype=bool)
+        unread[group_of] = False  # groups without a wanted record (a resumed window) are not read ...
+        rows = rows - np.cumsum(np.where(unread, sizes, 0))[group_of]  # ... so positions shift past them
+        read = [groups[i] for i in np.flatnonzero(~unread)]
+        tasks.append({"files": [index[g].file for g in read], "row_groups": [index[g].index for g in read],
+                      "rows": rows.tolist()})
+    return tasks
+
+
+def _read_planned(batch):
+    """Ray Data UDF: one ``rank_plan`` task -> its records (prepared columns), in the planned order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = []
+    for files, groups, rows in zip(batch["files"].to_pylist(), batch["row_groups"].to_pylist(),
+                                   batch["rows"].to_pylist()):
+        table = pa.concat_tables([pq.ParquetFile(f).read_row_group(g, columns=_READ_COLUMNS)
+                                  for f, g in zip(files, groups)])
+        out.append(table.take(rows))
+    return pa.concat_tables(out)
+
+
 def training_dataset(records_dir: Path, stage: StageConfig, model_path: str, resources: ResourcesConfig,
-                     do_image_splitting: bool = False, longest_edge: int | None = None, seed: int = 0):
-    """Streaming Ray Dataset of model inputs for one stage."""
+                     do_image_splitting: bool = False, longest_edge: int | None = None, seed: int = 0,
+                     epoch: int = 0, rank: int = 0, world: int = 1, start: int = 0,
+                     index: list[RowGroup] | None = None):
+    """Streaming Ray Dataset of model inputs: worker ``rank``'s records of ``epoch`` in the seeded order, from its
+    ``start``-th record on (a resumed epoch; the skipped records are not read). ``index``: ``record_index`` of
+    ``records_dir``, when the caller keeps it across epochs."""
     import ray
     from ray.data import TaskPoolStrategy
 
     configure_data_context(resources)
-    ds = ray.data.read_parquet(str(records_dir), columns=["id", "image", "prompt", "target"],
-                               num_cpus=resources.data_cpus_per_task)
-    # The reader bundles small files into one block, and one block is one preprocessing task: re-block (streaming)
-    # so the tasks run in parallel.
+    plan = rank_plan(index or record_index(records_dir), seed, epoch, rank, world, start)
+    if not plan:
+        raise ValueError(f"worker {rank} of {world}: nothing left of epoch {epoch} after record {start}")
+    # Reading a window is quick next to preprocessing its ~1k records: two read tasks keep the preprocessing fed and
+    # bound the raw bytes in flight.
+    ds = ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(
+        _read_planned, batch_format="pyarrow", batch_size=1, num_cpus=resources.data_cpus_per_task,
+        compute=TaskPoolStrategy(size=min(2, resources.data_concurrency)))
+    # A window is one block; re-block (streaming, order kept) so the preprocessing tasks run in parallel.
     ds = ds.repartition(target_num_rows_per_block=_ROWS_PER_BLOCK)
     return ds.map_batches(
         preprocess_batch,
