@@ -1,5 +1,6 @@
-"""The smoke sweep end to end on local Ray (tiny model, phantoms, 4 trials, 2 at a time): killed mid-way, restored by
-the same command without repeating finished trials, reported, and its best preset trains unchanged."""
+"""The smoke sweep end to end on local Ray (tiny model, phantoms, 2 trials one at a time, each training its 2
+replicate seeds at once): killed mid-way, restored by the same command without repeating finished runs, reported,
+and its best preset trains unchanged."""
 
 import json
 import os
@@ -18,7 +19,8 @@ from medvqa.sweep import load_space, sweep_dir_for
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
-N_TRIALS = 4
+N_TRIALS = 2
+N_RUNS = 2 * N_TRIALS  # tune/tiny.yaml: replicates run.seed [0, 1]
 
 
 def _finished_runs(sweep_dir: Path) -> dict[str, int]:
@@ -48,7 +50,7 @@ def test_sweep_is_interrupted_restored_and_reported(tmp_path):
         proc.wait()
     before = _finished_runs(sweep_dir)
     assert before, "no trial finished before the deadline: " + (tmp_path / "first.log").read_text()[-3000:]
-    assert len(before) < N_TRIALS, "the sweep finished before the kill"
+    assert len(before) < N_RUNS, "the sweep finished before the kill"
 
     # 2. The same command restores it and runs only what is missing.
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -59,7 +61,7 @@ def test_sweep_is_interrupted_restored_and_reported(tmp_path):
     after = _finished_runs(sweep_dir)
     for run, lines in before.items():  # finished trials were not trained again
         assert after.get(run) == lines, run
-    assert len(list((sweep_dir / "runs").iterdir())) == N_TRIALS  # interrupted trials resumed in their run dirs
+    assert len(list((sweep_dir / "runs").iterdir())) == N_RUNS  # interrupted runs resumed in their run dirs
 
     # 3. The Optuna study survived in optuna.db (what optuna-dashboard reads).
     import optuna
@@ -75,8 +77,10 @@ def test_sweep_is_interrupted_restored_and_reported(tmp_path):
     assert len(trials) == N_TRIALS and set(trials["status"]) <= {"completed", "stopped"}, errors
     assert (trials["status"] == "completed").any()
     for _, row in trials.iterrows():
-        rounds = [json.loads(x) for x in (Path(row["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-        assert any(r.get("event") == "validation" and r.get("val_round") == row["val_round"] for r in rounds)
+        assert row["replicates"] == 2 and len(row["run_dirs"].split()) == 2
+        for run_dir in row["run_dirs"].split():  # the trial's round is one every replicate reached
+            rounds = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+            assert any(r.get("event") == "validation" and r.get("val_round") == row["val_round"] for r in rounds)
     assert (report / "curve.png").stat().st_size > 1000 and (report / "report.html").exists()
 
     # 5. The best preset trains unchanged with the main job.
