@@ -46,7 +46,8 @@ def _echo_eval(out: dict) -> None:
 def train(overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. stage2.lr=1e-4"),
           preset: str = typer.Option("tiny", help="Preset name (see `medvqa presets`) or a YAML path.")) -> None:
     """Run the two-stage fine-tuning job (same as `python jobs/two_stage.py`); with run.evaluate=true, then the
-    evaluation matrix (eval.* settings)."""
+    evaluation matrix (eval.* settings), first training the single-stage baseline beside the run (same stage-2
+    config, data and seed; resumable like any run) when eval.models asks for it."""
     cfg = _load(preset, overrides)
     setup_logging()
     from medvqa.data.pipeline import TooManyRejects
@@ -54,14 +55,18 @@ def train(overrides: Optional[List[str]] = typer.Argument(None, help="Dotted ove
 
     try:
         run_dir = run_two_stage(cfg)
+        typer.echo(f"run dir: {run_dir}")
+        if cfg.run.evaluate:
+            from medvqa.evaluate import evaluate_run, single_stage_config
+
+            single = None
+            if cfg.stage1.enabled and "single_stage" in cfg.eval.models:
+                single = run_two_stage(single_stage_config(cfg))
+                typer.echo(f"single-stage baseline run dir: {single}")
+            _echo_eval(evaluate_run(run_dir, single_stage=single))
     except TooManyRejects as e:
         typer.echo(f"data error: {e}", err=True)
         raise typer.Exit(3)
-    typer.echo(f"run dir: {run_dir}")
-    if cfg.run.evaluate:
-        from medvqa.evaluate import evaluate_run
-
-        _echo_eval(evaluate_run(run_dir))
 
 
 @app.command("eval")
@@ -69,7 +74,8 @@ def eval_matrix(run_dir: str = typer.Argument(..., help="Run directory (config.y
                 overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides of the run's config: "
                                                                 "eval.* (see `medvqa config --docs`), resources.*; "
                                                                 "model.* must stay as trained."),
-                single_stage: Optional[str] = typer.Option(None, help="Run directory of the single-stage baseline."),
+                single_stage: Optional[str] = typer.Option(None, help="Run directory of the single-stage baseline "
+                                                           "(default: the run's sibling, when trained)."),
                 seed_runs: Optional[List[str]] = typer.Option(None, help="Run directory of RUN_DIR's model trained "
                                                               "with another seed (repeatable): every run is "
                                                               "evaluated as <model>@<seed> and summarised across "
@@ -80,6 +86,7 @@ def eval_matrix(run_dir: str = typer.Argument(..., help="Run directory (config.y
     anew). Settings: the eval.* section, e.g. `medvqa eval RUN_DIR eval.max_new_tokens=8 eval.test_limit=50`."""
     setup_logging()
     from medvqa.config import ConfigError
+    from medvqa.data.pipeline import TooManyRejects
     from medvqa.evaluate import evaluate_run
 
     try:
@@ -88,6 +95,9 @@ def eval_matrix(run_dir: str = typer.Argument(..., help="Run directory (config.y
     except (ConfigError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    except TooManyRejects as e:
+        typer.echo(f"data error: {e}", err=True)
+        raise typer.Exit(3)
     _echo_eval(out)
 
 
