@@ -94,8 +94,8 @@ def run_matrix(cfg: Config, models: Mapping[str, str | os.PathLike | None], test
     ``models``: name -> run directory (``base`` needs none; another model with None is skipped). ``test_records``:
     validated records; ``ood_records``, ``medhalt_questions`` (else read from ``eval.medhalt_path``) and
     ``few_shot_pool`` (training-side records with images) feed their conditions. ``skipped_cells``: cells the caller
-    could not build ({"model", "condition", "reason"}, '*' for all), listed in metrics.json's ``skipped_cells`` with every
-    condition and model skipped here; ``settings``: more entries for metrics.json's ``settings``. Returns
+    could not build ({"model", "condition", "reason"}, '*' for all), listed in metrics.json's ``skipped_cells`` with
+    every condition and model skipped here; ``settings``: more entries for metrics.json's ``settings``. Returns
     ``{"metrics", "predicted": [[model, condition], ...] (cells finished by this call), "skipped": [...] (finished
     before), "rows_predicted": {"model/condition": n}, "rows_reused": {"model/condition": n} (kept from an
     interrupted run's parts), "metrics_path"}``.
@@ -349,6 +349,7 @@ def condition_sources(rd: RunDir, cfg: Config, test_data: DataConfig, sources: d
             medhalt_questions = _checked(rd, "medhalt", [r for r in rows if not r["reject_reason"]],
                                          [{k: v for k, v in r.items() if k != "image"} for r in rows
                                           if r["reject_reason"]], cfg, sources, skipped, "medhalt")
+            sources["medhalt"]["what"] = f"Med-HALT at {e.medhalt_path}"
     if "ood" in e.conditions:
         ood = None
         if e.ood_path:
@@ -364,8 +365,8 @@ def condition_sources(rd: RunDir, cfg: Config, test_data: DataConfig, sources: d
                 skip("ood", f"{e.ood_path}: {err}")
             else:
                 ood_records = _checked(rd, "ood", valid, bad, cfg, sources, skipped, "ood")
-                if ood_records is not None and ood.kind == "phantom":
-                    sources["ood"]["what"] = f"phantoms of anatomy {ood.phantom_anatomy} (never trained on)"
+                sources["ood"]["what"] = (f"phantoms of anatomy {ood.phantom_anatomy} (never trained on)"
+                                          if ood.kind == "phantom" else f"PathVQA test at {ood.path}")
     return few_shot_pool, medhalt_questions, ood_records
 
 
@@ -400,6 +401,7 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (),
     skipped: list[dict] = []
     test, rejected = protocol_records(test_data)
     sources["test"] = source_summary(rd, "test", test, rejected, cfg.run.max_reject_fraction)
+    sources["test"]["what"] = f"{test_data.kind} test ({test_data.protocol})"
     if sources["test"]["too_many"]:
         raise TooManyRejects(f"test set of {data.kind}: {sources['test']['too_many']}")
     few_shot_pool, medhalt_questions, ood_records = condition_sources(rd, cfg, test_data, sources, skipped)

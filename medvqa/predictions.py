@@ -60,8 +60,11 @@ def producer(model: Mapping, adapters: Mapping[str, str], use_gpu: bool, max_new
 
 
 def cell_key(produced_by: Mapping, rows: Sequence[Mapping]) -> str:
-    """The key of a cell: its producer and its question rows, in order."""
-    questions = [[str(r.get(c, "")) for c in QUESTION_COLUMNS] for r in rows]
+    """The key of a cell: its producer and its question rows, in order. A row's few-shot examples (``shots``) join
+    its key only when it has some, so the cells of every other condition keep the keys they had before few-shot
+    conditions existed (their stored predictions stay valid)."""
+    questions = [[str(r.get(c, "")) for c in QUESTION_COLUMNS if c != "shots"]
+                 + ([r["shots"]] if r.get("shots") else []) for r in rows]
     return _sha256({"producer": produced_by, "questions": questions})[:_KEY_CHARS]
 
 

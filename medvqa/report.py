@@ -171,9 +171,9 @@ def rejects_rows(run_dir: str | os.PathLike, metrics: Mapping) -> list[list[str]
              os.path.relpath(m["rejects_file"], rd.path) if m.get("rejects_file") else "—"]
             for stage, m in manifest.items()]
     for name, src in ((metrics.get("settings") or {}).get("sources") or {}).items():
-        rows.append([f"evaluation: {name}", src.get("what", ""), str(src.get("valid", "")), str(src.get("rejected", "")),
-                     reasons(src.get("reject_reasons")) + (f" (skipped: {src['too_many']})" if src.get("too_many")
-                                                           else ""),
+        skipped = f" (skipped: {src['too_many']})" if src.get("too_many") else ""
+        rows.append([f"evaluation: {name}", src.get("what", ""), str(src.get("valid", "")),
+                     str(src.get("rejected", "")), reasons(src.get("reject_reasons")) + skipped,
                      f"eval/{src['rejects_file']}" if src.get("rejects_file") else "—"])
     return rows
 

@@ -362,6 +362,9 @@ def test_few_shot_examples_come_from_the_training_pool_never_from_the_questions_
     assert [r["shots"] for r in other] != [r["shots"] for r in rows]
     one = build_cells(test, ["few_shot"], INSTRUCTION, seed=3, few_shot_pool=pool, few_shot_k=1)["few_shot"]
     assert cell_key(PRODUCER, one) != cell_key(PRODUCER, rows) != cell_key(PRODUCER, other)  # keyed by examples
+    plain = build_cells(test, ["true"], INSTRUCTION)["true"]  # rows without examples keep their pre-few-shot keys
+    assert cell_key(PRODUCER, plain) == cell_key(PRODUCER, [{k: v for k, v in r.items() if k != "shots"}
+                                                            for r in plain])
     assert build_cells(test, ["few_shot", "true"], INSTRUCTION).keys() == {"true"}  # no pool: skipped
     with pytest.raises(ValueError, match="fewer than k=11"):
         build_cells(test, ["few_shot"], INSTRUCTION, few_shot_pool=pool, few_shot_k=11)
@@ -414,7 +417,7 @@ def test_evaluation_rejects_are_written_with_reasons_and_skips_listed(tmp_path, 
     skipped = {(s["model"], s["condition"]): s["reason"] for s in out["metrics"]["skipped_cells"]}
     assert "no valid records" in skipped["*", "ood"] and "not trained" in skipped["single_stage", "*"]
     md = Path(build_report(run)["markdown"]).read_text()
-    assert "| evaluation: test |  | 3 | 1 | missing image 1 | eval/rejects/test.jsonl |" in md
+    assert "| evaluation: test | vqa_rad test (official) | 3 | 1 | missing image 1 | eval/rejects/test.jsonl |" in md
     assert "| * | ood | ood: no valid records" in md and "| single_stage | * | not trained" in md
 
     no_medhalt = ev.evaluate_run(run, ["eval.conditions=true,medhalt", f"eval.medhalt_path={tmp_path / 'x.csv'}",
