@@ -141,6 +141,8 @@ def train_fn_per_worker(config: dict) -> None:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step, epoch, skip_micro = state["step"], state["epoch"], state["micro_in_epoch"]
+            if skip_micro >= steps_per_epoch(config["num_records"], world, stage) * stage.grad_accum:
+                epoch, skip_micro = epoch + 1, 0  # saved at the end of an epoch (a validation round): the next one
         if rank == 0:
             log.info("[%s] resuming from checkpoint at step %d (epoch %d, %d micro-batches in)", stage_name, step,
                      epoch, skip_micro)
