@@ -579,6 +579,7 @@ def test_one_command_yields_every_cell_of_the_matrix(ray_local, tmp_path):
 
     again = CliRunner().invoke(app, cmd)
     assert again.exit_code == 0, again.output
-    assert json.loads(again.output.splitlines()[-1])["predicted"] == []
+    (printed,) = [json.loads(x) for x in again.output.splitlines() if x.startswith('{"metrics"')]
+    assert printed["predicted"] == []
     assert {rd.name: len(json.loads(rd.stages_summary.read_text())) for rd in (run, single)} == {
         run.name: 2, single.name: 1}  # nothing trained again
