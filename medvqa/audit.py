@@ -35,19 +35,20 @@ Two kinds of leak between a training side ``a`` and an evaluation side ``b``:
   prefix filtering on rarest-first tokens, and same-image pairs are compared directly within each image's handful
   of questions, so the audit is ~linear in the data.
 
-``image_disjoint_split`` assigns whole images to one side (seeded, independent of input order, optionally
-stratified by a meta key such as ``organ``); its audit reports 0 image overlap by construction.
+``image_disjoint_split`` (``medvqa.data.protocol``, re-exported here) assigns whole images to one side (seeded,
+independent of input order, optionally stratified by a meta key such as ``organ``); its audit reports 0 image
+overlap by construction. It is the ``image_disjoint`` protocol that training and evaluation use.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from itertools import combinations
 from typing import Any
 
+from medvqa.data.protocol import image_disjoint_split  # noqa: F401 - re-exported: the audit's split
 from medvqa.data.records import parse_meta
 from medvqa.metrics import normalize_answer
 
@@ -381,61 +382,6 @@ def audit_splits(rows_a: Sequence[dict], rows_b: Sequence[dict], name_a: str = "
                  f"{cross['questions']} have a near-duplicate on another image.")
     return {"names": {"a": name_a, "b": name_b}, "sizes": {name_a: len(rows_a), name_b: len(rows_b)},
             "image_overlap": ov, "near_duplicates": nd, "statement": statement}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Image-disjoint split
-# ----------------------------------------------------------------------------------------------------------------
-
-def _meta_value(row: dict, key: str) -> Any:
-    if key in row and key != "meta":
-        return row[key]
-    return parse_meta(row.get("meta")).get(key)
-
-
-def _group_key(row: dict) -> str:
-    img = row.get("image_id")
-    return f"image:{img}" if img else f"id:{row.get('id')}"  # no image: a group of its own
-
-
-def image_disjoint_split(rows: Sequence[dict], test_fraction: float = 0.2, seed: int = 0,
-                         stratify_by: str | None = None, names: tuple[str, str] = ("train", "test"),
-                         ) -> tuple[list[dict], list[dict]]:
-    """Split ``rows`` so that every image (by ``image_id``) lies on one side only.
-
-    Images are visited in the order of sha1(seed, image_id), so the result depends on the seed and the set of
-    images, not on the input order; an image goes to the test side when that brings the test side's question count
-    closer to ``round(test_fraction * n)`` (per stratum when ``stratify_by`` names a row field or a meta key, e.g.
-    ``'organ'``; an image's stratum is its questions' most common value). Rows are returned as copies, in input
-    order, with ``split`` set to ``names``. Rows without an image_id are each their own group."""
-    if not 0.0 <= test_fraction <= 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(rows):
-        groups[_group_key(r)].append(i)
-    strata: dict[str, list[str]] = defaultdict(list)
-    for g, members in groups.items():
-        if stratify_by:
-            values = Counter(str(_meta_value(rows[i], stratify_by)) for i in members)
-            stratum = min(values.items(), key=lambda kv: (-kv[1], kv[0]))[0]
-        else:
-            stratum = ""
-        strata[stratum].append(g)
-    test_groups: set[str] = set()
-    for stratum in sorted(strata):
-        order = sorted(strata[stratum], key=lambda g: hashlib.sha1(f"{seed}\0{g}".encode()).digest())
-        target = round(test_fraction * sum(len(groups[g]) for g in order))
-        count = 0
-        for g in order:
-            size = len(groups[g])
-            if abs(count + size - target) < abs(count - target):
-                test_groups.add(g)
-                count += size
-    train, test = [], []
-    for r in rows:
-        is_test = _group_key(r) in test_groups
-        (test if is_test else train).append({**r, "split": names[1] if is_test else names[0]})
-    return train, test
 
 
 # ----------------------------------------------------------------------------------------------------------------

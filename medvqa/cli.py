@@ -51,21 +51,25 @@ def train(overrides: Optional[List[str]] = typer.Argument(None, help="Dotted ove
           verbose: bool = typer.Option(False, "--verbose", help="Show Ray's own output too (= run.verbose=true).")
           ) -> None:
     """Run the two-stage fine-tuning job (same as `python jobs/two_stage.py`); with run.evaluate=true, then the
-    evaluation matrix (eval.* settings). The terminal shows a progress bar per stage and evaluation pass; everything
-    else goes to RUN_DIR/logs/train.log (--verbose: to the terminal too)."""
+    evaluation matrix (eval.* settings), first training the single-stage baseline beside the run (same stage-2
+    config, data and seed; resumable like any run) when eval.models asks for it. The terminal shows a progress bar
+    per stage and evaluation pass; everything else goes to RUN_DIR/logs/train.log (--verbose: to the terminal too)."""
     cfg = _load(preset, [*(overrides or []), *(["run.verbose=true"] if verbose else [])])
     setup_logging()
     from medvqa.data.pipeline import TooManyRejects
     from medvqa.observe import session
     from medvqa.train import run_two_stage
 
+    single = None
     try:
         with session(cfg, "train", preset=preset, shutdown_ray=True):
             run_dir = run_two_stage(cfg)
             if cfg.run.evaluate:  # inside the session: the evaluation draws its bar and logs to the same file
-                from medvqa.evaluate import evaluate_run
+                from medvqa.evaluate import evaluate_run, single_stage_config
 
-                evaluated = evaluate_run(run_dir)
+                if cfg.stage1.enabled and "single_stage" in cfg.eval.models:
+                    single = run_two_stage(single_stage_config(cfg))
+                evaluated = evaluate_run(run_dir, single_stage=single)
     except TooManyRejects:
         raise typer.Exit(3)  # the session printed the cause and where the full log is
     except Exception:
@@ -73,6 +77,8 @@ def train(overrides: Optional[List[str]] = typer.Argument(None, help="Dotted ove
             raise
         raise typer.Exit(1)
     typer.echo(f"run dir: {run_dir}")
+    if single:
+        typer.echo(f"single-stage baseline run dir: {single}")
     if cfg.run.evaluate:
         _echo_eval(evaluated)
 
@@ -82,7 +88,8 @@ def eval_matrix(run_dir: str = typer.Argument(..., help="Run directory (config.y
                 overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides of the run's config: "
                                                                 "eval.* (see `medvqa config --docs`), resources.*; "
                                                                 "model.* must stay as trained."),
-                single_stage: Optional[str] = typer.Option(None, help="Run directory of the single-stage baseline."),
+                single_stage: Optional[str] = typer.Option(None, help="Run directory of the single-stage baseline "
+                                                           "(default: the run's sibling, when trained)."),
                 seed_runs: Optional[List[str]] = typer.Option(None, help="Run directory of RUN_DIR's model trained "
                                                               "with another seed (repeatable): every run is "
                                                               "evaluated as <model>@<seed> and summarised across "
@@ -93,6 +100,7 @@ def eval_matrix(run_dir: str = typer.Argument(..., help="Run directory (config.y
     anew). Settings: the eval.* section, e.g. `medvqa eval RUN_DIR eval.max_new_tokens=8 eval.test_limit=50`."""
     setup_logging()
     from medvqa.config import ConfigError
+    from medvqa.data.pipeline import TooManyRejects
     from medvqa.evaluate import evaluate_run
 
     try:
@@ -101,6 +109,9 @@ def eval_matrix(run_dir: str = typer.Argument(..., help="Run directory (config.y
     except (ConfigError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    except TooManyRejects as e:
+        typer.echo(f"data error: {e}", err=True)
+        raise typer.Exit(3)
     _echo_eval(out)
 
 

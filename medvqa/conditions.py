@@ -1,12 +1,24 @@
 """Evaluation conditions: functions from test records to question rows, seeded and deterministic.
 
 ``true`` the test split as is; ``swapped`` each question on a *different* test image (same modality and organ when
-the meta says so; GUIDE §3); ``expert`` the expert-radiologist instruction; ``medhalt`` Med-HALT nonsense questions
-on random test images (declining is right); ``ood`` another source's records as they are.
+the meta says so; GUIDE §3); ``blank`` each question on a uniform mid-gray image of its own image's size (the
+image-blind baseline: what the model answers from the text alone); ``expert`` the expert-radiologist instruction;
+``few_shot`` k solved examples from the training side (seeded per question, never from the test side, never on the
+question's own image) as earlier chat turns; ``medhalt`` Med-HALT nonsense questions on random test images
+(declining is right); ``ood`` another source's records as they are.
+
+A row says everything that produced its answer: the image shown by content hash (``image_id_shown``), the
+instruction and, for few-shot rows, the examples (``shots``: their ids, image hashes, questions and answers), so the
+prediction cells keyed by their rows (``medvqa.predictions``) change whenever any of them does. The example images
+travel beside it in ``shot_images`` (``pack_images``), which is not stored with the predictions.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
+import json
 import logging
 import typing
 import zlib
@@ -25,9 +37,15 @@ CONDITIONS: tuple[str, ...] = typing.get_args(Condition)
 SWAP_KEYS = ("modality", "organ")
 
 
+#: the uniform gray of the blank condition: mid-gray, which Idefics2's image normalisation (mean 0.5) maps to ~0
+BLANK_GRAY = 128
+_FRAME = 8  # bytes of the big-endian length before each packed image
+
+
 def _row(record: Mapping, condition: str, instruction: str, image: bytes | None = None,
-         image_id_shown: str | None = None, swap_match: str = "") -> dict:
-    """A question row: the record's question and answer, the image shown, the instruction to use."""
+         image_id_shown: str | None = None, swap_match: str = "", shots: Sequence[Mapping] = ()) -> dict:
+    """A question row: the record's question and answer, the image shown, the instruction to use and the few-shot
+    examples before it (``shots``: records with an image)."""
     return {
         "condition": condition, "question_id": str(record["id"]),
         "image": bytes(record["image"] if image is None else image),
@@ -36,7 +54,32 @@ def _row(record: Mapping, condition: str, instruction: str, image: bytes | None 
         "prompt": str(record.get("prompt") or ""), "true_answer": str(record.get("target") or ""),
         "answer_type": str(record.get("answer_type") or ""), "question_type": str(record.get("question_type") or ""),
         "source": str(record.get("source") or ""), "instruction": instruction, "swap_match": swap_match,
+        "shots": json.dumps([{"id": str(x["id"]), "image_id": str(x["image_id"]), "question": str(x["prompt"]),
+                              "answer": str(x["target"])} for x in shots]) if shots else "",
+        "shot_images": pack_images([bytes(x["image"]) for x in shots]),
     }
+
+
+def pack_images(images: Sequence[bytes]) -> bytes:
+    """Several encoded images as one bytes value (each preceded by its length, 8 bytes big-endian): one binary
+    column of one type for every row, with or without examples (b'' for none)."""
+    return b"".join(len(b).to_bytes(_FRAME, "big") + b for b in images)
+
+
+def unpack_images(data: bytes) -> list[bytes]:
+    """The images of ``pack_images``."""
+    data, out, pos = bytes(data or b""), [], 0
+    while pos < len(data):
+        n = int.from_bytes(data[pos:pos + _FRAME], "big")
+        out.append(data[pos + _FRAME:pos + _FRAME + n])
+        pos += _FRAME + n
+    return out
+
+
+def examples_of(row: Mapping) -> list[tuple[bytes, str, str]]:
+    """A row's few-shot examples as (image bytes, question, answer), in the order they are shown."""
+    shots = json.loads(row.get("shots") or "[]")
+    return [(img, s["question"], s["answer"]) for img, s in zip(unpack_images(row.get("shot_images")), shots)]
 
 
 def _seeded_rng(seed: int, *keys: str) -> np.random.Generator:
@@ -115,11 +158,53 @@ def ood_condition(ood_records: Sequence[Mapping], instruction: str, seed: int = 
     return [_row(r, "ood", instruction) for r in ood_records]
 
 
+@functools.lru_cache(maxsize=64)
+def blank_image(width: int, height: int, gray: int = BLANK_GRAY) -> bytes:
+    """A uniform gray RGB PNG of the given size."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (gray, gray, gray)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def blank_condition(records: Sequence[Mapping], instruction: str, seed: int = 0) -> list[dict]:
+    """Each question on a uniform mid-gray image of its own image's size (so the resize and the number of image
+    tokens are those of the true condition; only the content is gone). ``image_id_shown``: the gray image's hash."""
+    from PIL import Image
+
+    rows = []
+    for r in records:
+        with Image.open(io.BytesIO(bytes(r["image"]))) as im:  # reads the header, not the pixels
+            gray = blank_image(*im.size)
+        rows.append(_row(r, "blank", instruction, image=gray, image_id_shown=hashlib.sha1(gray).hexdigest()))
+    return rows
+
+
+def few_shot_condition(records: Sequence[Mapping], instruction: str, seed: int = 0,
+                       pool: Sequence[Mapping] = (), k: int = 1) -> list[dict]:
+    """Each question after ``k`` solved examples drawn from ``pool`` (records of the training side, with images),
+    seeded per question id, never on the question's own image (in the official VQA-RAD split most test images are
+    also training images, and an example on the same image would hand over a linked answer)."""
+    pool = sorted(pool, key=lambda x: str(x["id"]))  # the draw depends on the pool's content, not its order
+    rows = []
+    for r in records:
+        candidates = [x for x in pool if x["image_id"] != r.get("image_id")]
+        if len(candidates) < k:
+            raise ValueError(f"few_shot: {len(candidates)} training examples on other images, fewer than k={k}")
+        picks = _seeded_rng(seed, "few_shot", str(r["id"])).choice(len(candidates), size=k, replace=False)
+        rows.append(_row(r, "few_shot", instruction, shots=[candidates[int(i)] for i in picks]))
+    return rows
+
+
 def build_cells(test_records: Sequence[Mapping], conditions: Sequence[str], instruction: str, seed: int = 0,
                 medhalt_path: str | None = None, medhalt_limit: int | None = 100,
-                ood_records: Sequence[Mapping] | None = None) -> dict[str, list[dict]]:
-    """condition -> question rows (model-independent). ``ood`` without ``ood_records`` and ``medhalt`` without a CSV
-    are skipped with a log line."""
+                ood_records: Sequence[Mapping] | None = None, medhalt_questions: Sequence[Mapping] | None = None,
+                few_shot_pool: Sequence[Mapping] | None = None, few_shot_k: int = 1,
+                few_shot_seed: int | None = None) -> dict[str, list[dict]]:
+    """condition -> question rows (model-independent). A condition without its source (``ood`` without
+    ``ood_records``, ``medhalt`` without ``medhalt_questions`` or a CSV, ``few_shot`` without a pool) is skipped
+    with a log line; the caller lists it with its reason."""
     unknown = [c for c in conditions if c not in CONDITIONS]
     if unknown:
         raise ValueError(f"unknown condition(s) {unknown} (known: {', '.join(CONDITIONS)})")
@@ -129,13 +214,22 @@ def build_cells(test_records: Sequence[Mapping], conditions: Sequence[str], inst
             cells[c] = true_condition(test_records, instruction, seed)
         elif c == "swapped":
             cells[c] = swapped_condition(test_records, instruction, seed)
+        elif c == "blank":
+            cells[c] = blank_condition(test_records, instruction, seed)
         elif c == "expert":
             cells[c] = expert_condition(test_records, prompts.EXPERT_INSTRUCTION, seed)
+        elif c == "few_shot":
+            if not few_shot_pool:
+                log.info("condition few_shot: no training examples, skipped")
+                continue
+            cells[c] = few_shot_condition(test_records, instruction, seed if few_shot_seed is None else few_shot_seed,
+                                          few_shot_pool, few_shot_k)
         elif c == "medhalt":
-            if not medhalt_path:
+            if not medhalt_path and not medhalt_questions:
                 log.info("condition medhalt: no Med-HALT CSV (eval.medhalt_path), skipped")
                 continue
-            cells[c] = medhalt_condition(test_records, instruction, seed, medhalt_path, medhalt_limit)
+            cells[c] = medhalt_condition(test_records, instruction, seed, medhalt_path, medhalt_limit,
+                                         questions=medhalt_questions)
         elif c == "ood":
             if not ood_records:
                 log.info("condition ood: no out-of-distribution records, skipped")

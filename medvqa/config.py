@@ -25,12 +25,17 @@ LORA_TARGET_REGEX = (
 )
 
 
-# The phantom generator's anatomies (data/phantoms.py MODALITIES x ORGANS; a test keeps the two in step): spelled out
-# here so that checking a config needs no import of the generator.
+# The phantom generator's anatomies (data/phantoms.py (MODALITIES + OOD_MODALITIES) x ORGANS; a test keeps the two in
+# step): spelled out here so that checking a config needs no import of the generator. Ultrasound is a family no
+# default phantom set draws: the phantom runs' out-of-distribution test set.
 PhantomAnatomy = Literal["", "ct/head", "ct/chest", "ct/abdomen", "x-ray/head", "x-ray/chest", "x-ray/abdomen",
-                         "mri/head", "mri/chest", "mri/abdomen"]
+                         "mri/head", "mri/chest", "mri/abdomen", "ultrasound/head", "ultrasound/chest",
+                         "ultrasound/abdomen"]
 #: the evaluation conditions (medvqa/conditions.py builds their question rows)
-Condition = Literal["true", "swapped", "expert", "medhalt", "ood"]
+Condition = Literal["true", "swapped", "blank", "expert", "few_shot", "medhalt", "ood"]
+#: the models of the evaluation matrix
+MatrixModel = Literal["base", "single_stage", "two_stage"]
+Protocol = Literal["official", "image_disjoint"]
 
 
 class ConfigError(ValueError):
@@ -97,7 +102,19 @@ class DataConfig:
     validation_fraction: float = doc(0.0, "Carve about this fraction of the split's images out as a validation set "
                                           "(image-disjoint: every question of an image falls on one side; seeded by "
                                           "data.seed); training uses the rest. Sweeps score trials on it, never on "
-                                          "the test split.")
+                                          "the test split. Under either protocol it is carved from the training "
+                                          "side.")
+    protocol: Protocol = doc("official", "Which records are training and which are test, for training, the "
+                                         "validation carve, the evaluation's test set and the report's leakage "
+                                         "statement alike: 'official' the source's splits as released (VQA-RAD: "
+                                         "446 of 451 test questions have their image in training); "
+                                         "'image_disjoint' pools the released splits and re-splits them by image "
+                                         "(content hash; seeded by data.seed, stratified by organ when the records "
+                                         "name one): no test image is trained on. split='train' / 'test' pick the "
+                                         "side. VQA sources only; phantoms are image-disjoint as generated.")
+    test_fraction: float = doc(0.2, "protocol=image_disjoint: about this fraction of the pooled questions is on the "
+                                    "test side, whole images at a time (VQA-RAD's official test split is 451 of "
+                                    "2,248 = 0.2).")
 
 
 @dataclass
@@ -172,18 +189,37 @@ class RunConfig:
 
 @dataclass
 class EvalConfig:
-    conditions: list[Condition] = doc(factory=lambda: ["true", "swapped", "expert", "medhalt"], help=(
-        "Evaluation conditions: 'true' (the test split), 'swapped' (each question on another test image), 'expert' "
-        "(the expert-radiologist prompt), 'medhalt' (Med-HALT nonsense questions; needs eval.medhalt_path), 'ood' "
-        "(eval.ood_path, or phantoms of another seed for a phantom run). A list, or comma-separated: "
+    conditions: list[Condition] = doc(factory=lambda: ["true", "swapped", "blank", "expert", "few_shot", "medhalt",
+                                                       "ood"], help=(
+        "Evaluation conditions: 'true' (the test split), 'swapped' (each question on another test image), 'blank' "
+        "(each question on a uniform mid-gray image of its image's size: what the model answers from the text "
+        "alone), 'expert' (the expert-radiologist prompt), 'few_shot' (eval.few_shot_k solved examples from the "
+        "training side first, as earlier chat turns), 'medhalt' (Med-HALT nonsense questions; eval.medhalt_path), "
+        "'ood' (eval.ood_path; for a phantom run ultrasound phantoms, a modality no phantom run trains on). A "
+        "condition whose source is missing is skipped and listed with its reason. A list, or comma-separated: "
         "eval.conditions=true,swapped."))
+    models: list[MatrixModel] = doc(factory=lambda: ["base", "single_stage", "two_stage"], help=(
+        "Models of the matrix: 'base' (no adapter), 'two_stage' (the run), 'single_stage' (stage 2 straight from the "
+        "base model, with the run's stage-2 config, data and seed: `medvqa train run.evaluate=true` trains it as a "
+        "sibling run directory <run.name>-single-stage-<hash> beside the run; `medvqa eval` uses it when it is "
+        "there). For a run without stage 1 the run itself is the single-stage model."))
+    protocol: Literal["", "official", "image_disjoint"] = doc(
+        "", "The test set's protocol: '' the run's stage2.data.protocol; the other one evaluates on that protocol's "
+            "test set, and every fine-tuned model's overlap with it (images it trained on) is measured and reported "
+            "(official training saw most image-disjoint test images, and the reverse).")
     test_limit: Optional[int] = doc(None, "Evaluate a seeded subset of this many test questions (None: all).")
-    seed: Optional[int] = doc(None, "Seed of the swaps, the Med-HALT subset and image draws and the bootstrap; "
-                                    "None: run.seed.")
-    medhalt_path: str = doc("", "Med-HALT reasoning_fake.csv for the medhalt condition ('': medhalt is skipped).")
+    seed: Optional[int] = doc(None, "Seed of the swaps, the few-shot examples, the Med-HALT subset and image draws "
+                                    "and the bootstrap; None: run.seed.")
+    few_shot_k: int = doc(1, "few_shot: solved examples before each question (the study stored a 1-shot run), "
+                             "drawn per question (seeded) from the training side of the protocol, never from the test "
+                             "side, never on the question's own image.")
+    few_shot_seed: Optional[int] = doc(None, "Seed of the few-shot draws; None: the evaluation seed.")
+    medhalt_path: str = doc("", "Med-HALT reasoning_fake.csv for the medhalt condition ('' or a missing file: "
+                                "medhalt is skipped, with the reason in the report).")
     medhalt_limit: Optional[int] = doc(100, "Med-HALT questions (a seeded subset; None: all 1,858).")
-    ood_path: str = doc("", "PathVQA test source (HF id, parquet or save_to_disk folder) for the ood condition; '': "
-                            "phantoms of another seed for a phantom run, else ood is skipped.")
+    ood_path: str = doc("", "PathVQA test source for the ood condition: the released layout (pvqa_test.json + "
+                            "images/test/), an HF id, parquet or save_to_disk folder. '': ultrasound phantoms for a "
+                            "phantom run, else ood is skipped (listed with the reason).")
     max_new_tokens: int = doc(16, "Greedy decoding budget, the same for every model (VQA answers are a few words). "
                                   "Part of the predictions' resume key: a change predicts every cell anew.")
     batch_size: int = doc(8, "Questions per generate call (answers do not depend on it: left-padded greedy decoding).")
@@ -363,6 +399,15 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{name}.validate_every_n_steps: must be >= 1 (or null for every epoch)")
         if stage.data.kind != "phantom" and not stage.data.path:
             raise ConfigError(f"{name}.data.path: required for data.kind={stage.data.kind!r}")
+        if stage.data.protocol == "image_disjoint":
+            if stage.task != "vqa":
+                raise ConfigError(f"{name}.data.protocol: image_disjoint re-splits VQA sources; use official for "
+                                  f"task={stage.task}")
+            if stage.data.split not in ("train", "test"):
+                raise ConfigError(f"{name}.data.split: image_disjoint has the sides 'train' and 'test', not "
+                                  f"{stage.data.split!r} (carve validation with data.validation_fraction)")
+        if not 0 < stage.data.test_fraction < 1:
+            raise ConfigError(f"{name}.data.test_fraction: must be in (0, 1)")
     if cfg.lora.r < 1:
         raise ConfigError("lora.r: must be >= 1")
     if not 0 <= cfg.lora.dropout < 1:
@@ -386,11 +431,13 @@ def validate(cfg: Config) -> Config:
 
 def validate_eval(cfg: Config) -> None:
     e = cfg.eval
-    for key in ("max_new_tokens", "batch_size", "concurrency", "n_boot", "test_limit", "medhalt_limit"):
+    for key in ("max_new_tokens", "batch_size", "concurrency", "n_boot", "test_limit", "medhalt_limit",
+                "few_shot_k"):
         if getattr(e, key) is not None and getattr(e, key) < 1:
             raise ConfigError(f"eval.{key}: must be >= 1")
-    if len(set(e.conditions)) != len(e.conditions):
-        raise ConfigError(f"eval.conditions: {e.conditions} names a condition twice")
+    for key in ("conditions", "models"):
+        if len(set(getattr(e, key))) != len(getattr(e, key)):
+            raise ConfigError(f"eval.{key}: {getattr(e, key)} names one twice")
     if e.cpus_per_actor <= 0:
         raise ConfigError("eval.cpus_per_actor: must be > 0")
     if e.feature_cache_mb < 0:

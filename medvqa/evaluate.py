@@ -9,6 +9,7 @@ same greedy decoding; each actor loads the base model once with every model's ad
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -83,15 +84,21 @@ def model_adapters(cfg: Config, name: str, run_dir: str | os.PathLike | None) ->
 
 def run_matrix(cfg: Config, models: Mapping[str, str | os.PathLike | None], test_records: Sequence[Mapping],
                out_dir: str | os.PathLike, ood_records: Sequence[Mapping] | None = None,
-               progress: Callable[[str, int], None] | None = None) -> dict:
+               progress: Callable[[str, int], None] | None = None, *,
+               medhalt_questions: Sequence[Mapping] | None = None, few_shot_pool: Sequence[Mapping] | None = None,
+               skipped_cells: Sequence[Mapping] = (), settings: Mapping | None = None) -> dict:
     """Predict every missing (model, condition) cell under ``out_dir`` -- ONE Ray Data job for all models over the
     missing questions of every cell, ordered by model then image -- then score all cells into
     ``out_dir/metrics.json``. ``progress(model, n_rows)`` is called after each streamed batch is on disk.
 
     ``models``: name -> run directory (``base`` needs none; another model with None is skipped). ``test_records``:
-    validated records. Returns ``{"metrics", "predicted": [[model, condition], ...] (cells finished by this call),
-    "skipped": [...] (finished before), "rows_predicted": {"model/condition": n}, "rows_reused": {"model/condition":
-    n} (kept from an interrupted run's parts), "metrics_path"}``.
+    validated records; ``ood_records``, ``medhalt_questions`` (else read from ``eval.medhalt_path``) and
+    ``few_shot_pool`` (training-side records with images) feed their conditions. ``skipped_cells``: cells the caller
+    could not build ({"model", "condition", "reason"}, '*' for all), listed in metrics.json's ``skipped_cells`` with
+    every condition and model skipped here; ``settings``: more entries for metrics.json's ``settings``. Returns
+    ``{"metrics", "predicted": [[model, condition], ...] (cells finished by this call), "skipped": [...] (finished
+    before), "rows_predicted": {"model/condition": n}, "rows_reused": {"model/condition": n} (kept from an
+    interrupted run's parts), "metrics_path"}``.
     """
     import time
 
@@ -99,8 +106,14 @@ def run_matrix(cfg: Config, models: Mapping[str, str | os.PathLike | None], test
     seed = cfg.run.seed if e.seed is None else e.seed
     out_dir = Path(out_dir)
     instruction = cfg.stage2.prompt  # the same for every model (the study's baseline used another; GUIDE §3)
-    cells = build_cells(test_records, e.conditions, instruction, seed, e.medhalt_path or None, e.medhalt_limit,
-                        ood_records)
+    not_built = list(skipped_cells)
+    given = {r["condition"] for r in not_built if r["model"] == "*"}
+    cells = build_cells(test_records, [c for c in e.conditions if c not in given], instruction, seed,
+                        e.medhalt_path or None if medhalt_questions is None else None, e.medhalt_limit, ood_records,
+                        medhalt_questions=medhalt_questions, few_shot_pool=few_shot_pool, few_shot_k=e.few_shot_k,
+                        few_shot_seed=e.few_shot_seed)
+    not_built += [{"model": "*", "condition": c, "reason": "no source for this condition"}
+                  for c in e.conditions if c not in cells and c not in given]
     model_cfg = to_dict(cfg)["model"]
     predicted, skipped, evaluated = [], [], []
     rows_predicted: dict[str, int] = {}
@@ -113,6 +126,7 @@ def run_matrix(cfg: Config, models: Mapping[str, str | os.PathLike | None], test
         adapters = model_adapters(cfg, name, run_dir)
         if adapters is None:
             log.info("model %s: no run directory given, skipped", name)
+            not_built.append({"model": name, "condition": "*", "reason": "no run directory given"})
             continue
         evaluated.append(name)
         producers[name] = producer(model_cfg, adapters, cfg.resources.use_gpu, e.max_new_tokens)
@@ -162,12 +176,16 @@ def run_matrix(cfg: Config, models: Mapping[str, str | os.PathLike | None], test
     earlier = (read_json(out_dir / "metrics.json", {}).get("timing") or {}).get("cells") or {}
     metrics["timing"] = {"cells": {**{f"{m}/{c}": earlier[f"{m}/{c}"] for m, c in skipped if f"{m}/{c}" in earlier},
                                    **timing}}
+    for s in not_built:
+        log.info("cells %s/%s skipped: %s", s["model"], s["condition"], s["reason"])
+    metrics["skipped_cells"] = not_built
     metrics["settings"] = {
         "models": {m: (str(models[m]) if models[m] is not None else None) for m in models},
         "evaluated": evaluated, "conditions": list(cells), "seed": seed, "n_questions": len(test_records),
         "instructions": {c: sorted({r["instruction"] for r in rows}) for c, rows in cells.items()},
         "producers": producers, "eval": to_dict(cfg)["eval"],
         "cells": {m: {c: paths[m, c].relative_to(out_dir).as_posix() for c in cells} for m in evaluated},
+        **(settings or {}),
     }
     metrics = json_ready(metrics)
     path = out_dir / "metrics.json"
@@ -179,28 +197,199 @@ def run_matrix(cfg: Config, models: Mapping[str, str | os.PathLike | None], test
 # ------------------------------------------------------------------------------------------------ a run's evaluation
 
 
-def heldout_records(data: DataConfig, limit: int | None = None, seed: int | None = None) -> list[dict]:
-    """Validated records of the ``test`` split of a data source (phantoms: the same kind with split='test',
-    ``limit`` or ``num_records`` of them; another ``seed`` gives an out-of-distribution phantom set). Rejected
-    records are dropped with a log line."""
-    from medvqa.data.adapters import iter_raw_records
-    from medvqa.data.records import valid_records
+def heldout_records(data: DataConfig, limit: int | None = None) -> list[dict]:
+    """Validated records of the ``test`` side of a data source under its ``data.protocol`` (phantoms: the same kind
+    with split='test', ``limit`` or ``num_records`` of them). Rejected records are dropped with a log line
+    (``evaluate_run`` writes them to eval/rejects/)."""
+    from medvqa.data.protocol import protocol_records
 
-    data = dataclasses.replace(data, split="test", limit=limit, seed=data.seed if seed is None else seed)
-    rows, rejected = valid_records(iter_raw_records(data))
+    data = dataclasses.replace(data, split="test", limit=limit)
+    rows, rejected = protocol_records(data)
     if rejected:
-        log.warning("test split of %s: %d of %d records rejected", data.kind, rejected, rejected + len(rows))
+        log.warning("test split of %s: %d of %d records rejected", data.kind, len(rejected), len(rejected) + len(rows))
     return rows
+
+
+def source_summary(rd: RunDir, name: str, valid: Sequence[Mapping], rejected: Sequence[Mapping],
+                   max_fraction: float) -> dict:
+    """Write a source's rejected records (with their reasons, no image bytes) to ``eval/rejects/<name>.jsonl`` --
+    empty when there are none, so a stale file never outlives its evaluation -- and count them, like training's
+    rejects (``pipeline.prepare_records``). ``too_many`` says why the source cannot be used: no valid record, or
+    more rejects than ``run.max_reject_fraction``."""
+    from medvqa.data.records import reject_summary
+
+    path = rd.eval_rejects(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in sorted(rejected, key=lambda r: str(r["id"]))))
+    os.replace(tmp, path)
+    total = len(valid) + len(rejected)
+    reasons = reject_summary(list(rejected))
+    out = {"total": total, "valid": len(valid), "rejected": len(rejected), "reject_reasons": reasons,
+           "rejects_file": path.relative_to(rd.eval).as_posix(), "too_many": ""}
+    if not valid:
+        out["too_many"] = f"no valid records ({len(rejected)} rejected: {reasons})"
+    elif len(rejected) > max_fraction * total:
+        out["too_many"] = (f"{len(rejected)} of {total} records rejected ({len(rejected) / total:.1%}), more than "
+                           f"run.max_reject_fraction={max_fraction:.1%}: {reasons}")
+    if out["too_many"]:
+        out["too_many"] += f"; each rejected record and its reason is in {path}"
+    return out
+
+
+def _checked(rd: RunDir, name: str, valid: list, rejected: list, cfg: Config, sources: dict, skipped: list,
+             condition: str) -> list | None:
+    """``valid`` when the source is usable, else None with the condition listed as skipped (its reason)."""
+    sources[name] = source_summary(rd, name, valid, rejected, cfg.run.max_reject_fraction)
+    if sources[name]["too_many"]:
+        skipped.append({"model": "*", "condition": condition, "reason": f"{name}: {sources[name]['too_many']}"})
+        return None
+    return valid
+
+
+def training_pool(data: DataConfig) -> list[dict]:
+    """Valid records of the training side of ``data`` (its protocol, no limit), their image bytes shared per image
+    (a question set holds each image once, not once per question): the few-shot examples' pool."""
+    from medvqa.data.protocol import iter_protocol_records
+    from medvqa.data.records import validate_record
+
+    images: dict[str, bytes] = {}
+    pool = []
+    for r in map(validate_record, iter_protocol_records(dataclasses.replace(data, split="train", limit=None))):
+        if not r["reject_reason"]:
+            r["image"] = images.setdefault(r["image_id"], r["image"])
+            pool.append(r)
+    return pool
+
+
+def single_stage_config(cfg: Config) -> Config:
+    """The single-stage baseline of a two-stage config: stage 1 off, everything else -- stage-2 data, budget, seed,
+    model -- the same, named ``<run.name>-single-stage`` (for the paper preset exactly `paper_single_stage`)."""
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{cfg.run.name}-single-stage"),
+                               stage1=dataclasses.replace(cfg.stage1, enabled=False))
+
+
+def single_stage_dir(run_dir: str | os.PathLike, cfg: Config) -> Path:
+    """Where the single-stage sibling of a two-stage run lives: beside it, under its own run id."""
+    from medvqa.runs import run_id
+
+    return Path(run_dir).parent / run_id(single_stage_config(cfg))
+
+
+def trained_images(run_dir: str | os.PathLike) -> set[str] | None:
+    """Content hashes of every image a run trained on (its prepared records of every stage, not the carved
+    validation images); None when the run's prepared data is gone."""
+    import pyarrow.parquet as pq
+
+    rd = RunDir(Path(run_dir))
+    cfg = rd.read_config()
+    images: set[str] = set()
+    for stage, _ in cfg.stages():
+        files = sorted(rd.data(stage).glob("*.parquet"))
+        if not files:
+            return None
+        for f in files:
+            images.update(pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist())
+    return images - {""}
+
+
+def leakage(models: Mapping[str, Any], test: Sequence[Mapping], trained_protocol: str, test_protocol: str) -> dict:
+    """Measured overlap of every fine-tuned model's training images with the evaluated test set, and whether the
+    evaluation is meaningful: it is not when a model trained on any test image (its answer may be memorised)."""
+    test_images = {r["image_id"] for r in test if r.get("image_id")}
+    per_model = {}
+    for name, run_dir in models.items():
+        if run_dir is None:
+            continue
+        seen = trained_images(run_dir)
+        if seen is None:
+            per_model[name] = {"shared_images": None, "questions": None, "test_images": len(test_images)}
+            continue
+        per_model[name] = {"shared_images": len(test_images & seen), "test_images": len(test_images),
+                           "questions": sum(r.get("image_id") in seen for r in test), "n_questions": len(test)}
+    leaky = [m for m, v in per_model.items() if v["shared_images"]]
+    unknown = [m for m, v in per_model.items() if v["shared_images"] is None]
+    why = ""
+    if leaky:
+        why = (f"{', '.join(leaky)} trained on images of this test set ({test_protocol} protocol; trained on the "
+               f"{trained_protocol} one): their scores include memorised images and do not measure generalisation")
+        if trained_protocol != test_protocol:
+            why += (". Training on one protocol's training side sees most of the other protocol's test images; "
+                    "compare models on the protocol they were trained with")
+    elif unknown:
+        why = f"not measured for {', '.join(unknown)} (the run's prepared training records are gone)"
+    return {"protocol_trained": trained_protocol, "protocol_test": test_protocol, "per_model": per_model,
+            "meaningful": not leaky, "why": why}
+
+
+def condition_sources(rd: RunDir, cfg: Config, test_data: DataConfig, sources: dict, skipped: list) -> tuple:
+    """(few-shot pool, Med-HALT questions, ood records) for the conditions that need them (None where a condition is
+    not asked for or cannot be built: then it is appended to ``skipped`` with the reason). Med-HALT and ood records
+    are validated, their rejects written and counted in ``sources`` (``source_summary``). ``test_data``: the test
+    set's data config (the training side of its protocol gives the few-shot examples)."""
+    from medvqa.data.phantoms import ood_anatomy
+    from medvqa.data.protocol import protocol_records
+    from medvqa.data.records import validate_record
+
+    e = cfg.eval
+    seed = cfg.run.seed if e.seed is None else e.seed
+    skip = lambda condition, reason: skipped.append({"model": "*", "condition": condition, "reason": reason})
+    few_shot_pool = medhalt_questions = ood_records = None
+    if "few_shot" in e.conditions:
+        few_shot_pool = training_pool(test_data) or None
+        if few_shot_pool is None:
+            skip("few_shot", "no valid training-side records")
+    if "medhalt" in e.conditions:
+        if not e.medhalt_path:
+            skip("medhalt", "no Med-HALT CSV: eval.medhalt_path is empty")
+        elif not Path(e.medhalt_path).expanduser().is_file():
+            skip("medhalt", f"Med-HALT CSV not found: {e.medhalt_path} (eval.medhalt_path)")
+        else:
+            from medvqa.data.adapters import medhalt_fake
+
+            rows = [validate_record(r) for r in medhalt_fake(e.medhalt_path, "test", limit=e.medhalt_limit, seed=seed)]
+            medhalt_questions = _checked(rd, "medhalt", [r for r in rows if not r["reject_reason"]],
+                                         [{k: v for k, v in r.items() if k != "image"} for r in rows
+                                          if r["reject_reason"]], cfg, sources, skipped, "medhalt")
+            sources["medhalt"]["what"] = f"Med-HALT at {e.medhalt_path}"
+    if "ood" in e.conditions:
+        ood = None
+        if e.ood_path:
+            ood = DataConfig(kind="pathvqa_hf", path=e.ood_path, split="test", limit=e.test_limit, seed=seed)
+        elif test_data.kind == "phantom":
+            ood = dataclasses.replace(test_data, phantom_anatomy=ood_anatomy(test_data.phantom_anatomy))
+        else:
+            skip("ood", f"no out-of-distribution set for a {test_data.kind} run: eval.ood_path is empty")
+        if ood is not None:
+            try:
+                valid, bad = protocol_records(ood)
+            except (ValueError, FileNotFoundError) as err:  # a missing folder, an unknown or offline HF id
+                skip("ood", f"{e.ood_path}: {err}")
+            else:
+                ood_records = _checked(rd, "ood", valid, bad, cfg, sources, skipped, "ood")
+                sources["ood"]["what"] = (f"phantoms of anatomy {ood.phantom_anatomy} (never trained on)"
+                                          if ood.kind == "phantom" else f"PathVQA test at {ood.path}")
+    return few_shot_pool, medhalt_questions, ood_records
 
 
 def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (),
                  single_stage: str | os.PathLike | None = None, base_only: bool = False,
                  seed_runs: Sequence[str | os.PathLike] = ()) -> dict:
-    """The matrix for a run directory (and optionally a single-stage one) on its stage-2 source's test split, with
-    the settings of the run's ``eval`` section (``overrides``: dotted ``key=value``, e.g. eval.max_new_tokens=8),
-    written to ``run_dir/eval/``. The ``eval`` section used is recorded in the run's config.yaml (it is not part of
-    the run id). ``seed_runs``: more run directories of the same model trained with other seeds (``run.seed``):
-    every run of the model is then evaluated as ``<model>@<seed>`` and summarised across seeds."""
+    """The matrix for a run directory on its stage-2 source's test set (``eval.protocol``, by default the run's own
+    ``stage2.data.protocol``), with the settings of the run's ``eval`` section (``overrides``: dotted ``key=value``,
+    e.g. eval.max_new_tokens=8), written to ``run_dir/eval/``. The ``eval`` section used is recorded in the run's
+    config.yaml (it is not part of the run id).
+
+    Models (``eval.models``): ``base``; the run; ``single_stage`` -- ``single_stage`` if given, else the run's
+    single-stage sibling (``single_stage_dir``) when it has finished. ``seed_runs``: more run directories of the
+    same model trained with other seeds (``run.seed``): every run of the model is then evaluated as
+    ``<model>@<seed>`` and summarised across seeds. Every source is validated with its rejects written to
+    ``eval/rejects/<source>.jsonl`` and counted in metrics.json (``settings.sources``); too many rejects in the test
+    set stop the evaluation (``TooManyRejects``), in an optional source (Med-HALT, ood) skip its condition. Every
+    skipped cell is listed with its reason (metrics.json ``skipped_cells``)."""
+    from medvqa.data.pipeline import TooManyRejects
+    from medvqa.data.protocol import describe, protocol_records
+
     rd = RunDir(Path(run_dir))
     cfg = rd.read_config(overrides)
     stored = rd.read_config()
@@ -208,22 +397,28 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (),
         rd.write_config(dataclasses.replace(stored, eval=cfg.eval))
     e = cfg.eval
     data = cfg.stage2.data
-    test = heldout_records(data, limit=e.test_limit)
-    ood_records = None
-    if "ood" in e.conditions:
-        if e.ood_path:
-            ood = DataConfig(kind="pathvqa_hf", path=e.ood_path, seed=cfg.run.seed if e.seed is None else e.seed)
-            ood_records = heldout_records(ood, limit=e.test_limit)
-        elif data.kind == "phantom":
-            ood_records = heldout_records(data, limit=e.test_limit, seed=data.seed + 1000)
-        else:
-            log.info("condition ood: needs eval.ood_path (PathVQA) for a %s run, skipped", data.kind)
-    models: dict[str, Any] = {"base": None}
+    test_data = dataclasses.replace(data, split="test", limit=e.test_limit, protocol=e.protocol or data.protocol,
+                                    validation_fraction=0.0)
+    sources: dict[str, dict] = {}
+    skipped: list[dict] = []
+    test, rejected = protocol_records(test_data)
+    sources["test"] = source_summary(rd, "test", test, rejected, cfg.run.max_reject_fraction)
+    sources["test"]["what"] = f"{test_data.kind} test ({test_data.protocol})"
+    if sources["test"]["too_many"]:
+        raise TooManyRejects(f"test set of {data.kind}: {sources['test']['too_many']}")
+    few_shot_pool, medhalt_questions, ood_records = condition_sources(rd, cfg, test_data, sources, skipped)
+    models: dict[str, Any] = {"base": None} if "base" in e.models else {}
     if not base_only:
         name = "two_stage" if cfg.stage1.enabled else "single_stage"  # a run without stage 1 is the baseline
-        if cfg.stage1.enabled:
-            models["single_stage"] = single_stage
-        if seed_runs:
+        if cfg.stage1.enabled and "single_stage" in e.models:
+            sibling = Path(single_stage) if single_stage else single_stage_dir(rd.path, cfg)
+            if (sibling / "config.yaml").exists():
+                models["single_stage"] = sibling
+            else:
+                skipped.append({"model": "single_stage", "condition": "*", "reason": (
+                    f"not trained: no run at {sibling} (`medvqa train run.evaluate=true` trains it; or pass "
+                    f"--single-stage RUN_DIR)")})
+        if name in e.models and seed_runs:
             for other in [run_dir, *seed_runs]:
                 rc = RunDir(Path(other)).read_config()
                 if rc.stage1.enabled != cfg.stage1.enabled:
@@ -232,9 +427,12 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (),
                 if key in models:
                     raise ValueError(f"two runs of {name} with seed {rc.run.seed}: {models[key]} and {other}")
                 models[key] = other
-        else:
+        elif name in e.models:
             models[name] = run_dir
-    out = run_matrix(cfg, models, test, rd.eval, ood_records=ood_records)
+    settings = {"protocol": describe(test_data), "sources": sources,
+                "leakage": leakage(models, test, data.protocol, test_data.protocol)}
+    out = run_matrix(cfg, models, test, rd.eval, ood_records=ood_records, medhalt_questions=medhalt_questions,
+                     few_shot_pool=few_shot_pool, skipped_cells=skipped, settings=settings)
     from medvqa.tracking import log_evaluation  # per-cell metrics to the run's MLflow run (run.tracking=mlflow)
 
     log_evaluation(cfg, run_dir, out.get("metrics", {}))

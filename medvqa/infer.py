@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from medvqa.conditions import examples_of
 from medvqa.config import Config, actor_gpus, from_dict, to_dict
 from medvqa.data.pipeline import collate_fn_for, decode_image, encode_example
 from medvqa.metrics import extract_answer
@@ -164,17 +165,23 @@ def _device(model):
 def generate_answers(model, processor, rows: Sequence[Mapping[str, Any]], instruction: str,
                      max_new_tokens: int = 16, feature_cache: FeatureCache | None = None) -> list[dict]:
     """Greedy answers for ``rows`` (each with ``image``: encoded bytes, and ``prompt``: the question; '' for a
-    caption prompt) in one left-padded ``generate`` call. Returns one dict per row, in order: ``raw`` (the decoded new
-    tokens, special tokens skipped) and ``answer`` (``metrics.extract_answer(raw)``). The same function serves the
-    base model and base + adapters (see the module docstring). ``feature_cache``: encode each distinct image once
-    and reuse its features (``image_features``); None: every row's pixels go through the vision encoder."""
+    caption prompt; optionally ``examples``: few-shot (image bytes, question, answer) turns before it) in one
+    left-padded ``generate`` call. Returns one dict per row, in order: ``raw`` (the decoded new tokens, special
+    tokens skipped) and ``answer`` (``metrics.extract_answer(raw)``). The same function serves the base model and
+    base + adapters (see the module docstring). ``feature_cache``: encode each distinct image once and reuse its
+    features (``image_features``); None, or rows with examples (several images each): every row's pixels go through
+    the vision encoder."""
     import torch
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     if not rows:
         return []
     encoded = [encode_example(processor, decode_image(bytes(r["image"])), instruction, str(r.get("prompt") or ""),
-                              None, _PROMPT_MAX_LENGTH) for r in rows]
+                              None, _PROMPT_MAX_LENGTH,
+                              examples=[(decode_image(im), q, a) for im, q, a in r.get("examples") or ()])
+               for r in rows]
+    if any(r.get("examples") for r in rows):
+        feature_cache = None  # the cache holds one image per row
     batch = left_pad_collate(encoded, processor)
     device = _device(model)
     with torch.inference_mode():
@@ -253,24 +260,29 @@ class Predictor:
             yield
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """A numpy batch with ``image`` and ``prompt`` -> every column except ``image``, plus ``raw_prediction`` and
-        ``predicted_answer`` (strings). A row's ``instruction`` column, when present, overrides the actor's
-        instruction (e.g. the expert-prompt condition shares the job with the others), and with ``models`` its
-        ``model`` column selects the adapters; rows are generated per (model, instruction), which changes no answer
-        (greedy decoding with left padding is batch-invariant)."""
+        """A numpy batch with ``image`` and ``prompt`` -> every column except ``image`` and ``shot_images``, plus
+        ``raw_prediction`` and ``predicted_answer`` (strings). A row's ``instruction`` column, when present, overrides
+        the actor's instruction (e.g. the expert-prompt condition shares the job with the others), with ``models`` its
+        ``model`` column selects the adapters, and a non-empty ``shots`` column (with ``shot_images``;
+        ``conditions.examples_of``) puts few-shot turns before its question; rows are generated per (model,
+        instruction, few-shot or not), which changes no answer (greedy decoding with left padding is
+        batch-invariant)."""
         n = len(batch["image"])
         instructions = [str(x) for x in batch["instruction"]] if "instruction" in batch else [self.instruction] * n
         names = [str(x) for x in batch["model"]] if self.model_adapters is not None else [None] * n
+        shots = [bool(x) for x in batch["shots"]] if "shots" in batch else [False] * n
         raw, answer = [""] * n, [""] * n
-        for name, instruction in sorted(set(zip(names, instructions)), key=str):
-            idx = [i for i in range(n) if instructions[i] == instruction and names[i] == name]
-            rows = [{"image": batch["image"][i], "prompt": batch["prompt"][i]} for i in idx]
+        for name, instruction, few in sorted(set(zip(names, instructions, shots)), key=str):
+            idx = [i for i in range(n) if (names[i], instructions[i], shots[i]) == (name, instruction, few)]
+            rows = [{"image": batch["image"][i], "prompt": batch["prompt"][i],
+                     "examples": examples_of({"shots": batch["shots"][i], "shot_images": batch["shot_images"][i]})
+                     if few else ()} for i in idx]
             with self.use_model(name):
                 preds = generate_answers(self.model, self.processor, rows, instruction, self.max_new_tokens,
                                          self.feature_cache)
             for i, p in zip(idx, preds):
                 raw[i], answer[i] = p["raw"], p["answer"]
-        out = {k: v for k, v in batch.items() if k != "image"}
+        out = {k: v for k, v in batch.items() if k not in ("image", "shot_images")}
         out["raw_prediction"] = np.array(raw, dtype=object)
         out["predicted_answer"] = np.array(answer, dtype=object)
         return out

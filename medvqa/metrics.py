@@ -603,6 +603,26 @@ def image_reliance(true_scored: pd.DataFrame, swapped_scored: pd.DataFrame, n_bo
     return out
 
 
+#: conditions on the true condition's questions that ``matrix_metrics`` compares with it, question by question
+PAIRED_CONDITIONS = ("swapped", "blank", "expert", "few_shot")
+
+
+def condition_vs_true(true_scored: pd.DataFrame, cond_scored: pd.DataFrame, n_boot: int = 1000,
+                      seed: int = 0) -> dict:
+    """Per-question difference condition − true (paired by ``question_id``) per ``RELIANCE_METRICS``: mean with a
+    paired-bootstrap CI and p-value. Blank below true: the model reads the image; few-shot above true: the examples
+    help."""
+    t = _by_question(true_scored)
+    c = _by_question(cond_scored, t.index)
+    out = {}
+    for m in RELIANCE_METRICS:
+        if m in t.columns and m in c.columns:
+            res = paired_bootstrap(t[m].to_numpy(float), c[m].to_numpy(float), n_boot=n_boot, seed=seed)
+            out[m] = {"diff": res["diff"], "ci": res["ci"], "p_value": res["p_value"], "n": res["n"],
+                      "true": res["mean_a"], "condition": res["mean_b"]}
+    return out
+
+
 def seed_summary(cells: Mapping[str, Mapping[str, Mapping]], metrics: Sequence[str] = METRICS) -> dict:
     """Seeds as a dimension: models named ``<family>@<seed>`` (several runs of one model) -> ``{family: {condition:
     {"n_seeds", "seeds", metric: {"per_seed": {seed: value}, "mean", "sd" (sample SD, ddof 1), "min", "max"}}}}`` for
@@ -637,10 +657,12 @@ def matrix_metrics(predictions: Mapping[tuple[str, str], pd.DataFrame], n_boot: 
     """The statistics of an evaluation matrix. ``predictions``: (model, condition) -> prediction rows (question_id,
     true_answer, predicted_answer, answer_type, ...; condition 'swapped' with swap_match), model-major. Returns
     ``{"cells": {model: {condition: aggregate + abstention_rate}}, "image_reliance": {model: ...} (models with
-    true and swapped), "medhalt_abstention": {model: ...}, "paired_true": {"<b>_vs_<a>": paired_tests} (every pair
+    true and swapped), "vs_true": {model: {condition: condition_vs_true}} (each of ``PAIRED_CONDITIONS`` a model
+    has beside true), "medhalt_abstention": {model: ...}, "paired_true": {"<b>_vs_<a>": paired_tests} (every pair
     of models on true, paired by question_id), "seeds": seed_summary}``."""
     scored = {key: score_rows(df) for key, df in predictions.items()}
-    res: dict[str, Any] = {"cells": {}, "image_reliance": {}, "medhalt_abstention": {}, "paired_true": {}}
+    res: dict[str, Any] = {"cells": {}, "image_reliance": {}, "vs_true": {}, "medhalt_abstention": {},
+                           "paired_true": {}}
     for (m, c), df in scored.items():
         cell = aggregate(df, n_boot=n_boot, seed=seed)
         cell["abstention_rate"] = abstention_rate(df["predicted_answer"], n_boot=n_boot, seed=seed)
@@ -653,6 +675,9 @@ def matrix_metrics(predictions: Mapping[tuple[str, str], pd.DataFrame], n_boot: 
     for m in models:
         if (m, "true") in scored and (m, "swapped") in scored:
             res["image_reliance"][m] = image_reliance(scored[m, "true"], scored[m, "swapped"], n_boot, seed)
+        for c in PAIRED_CONDITIONS:
+            if (m, "true") in scored and (m, c) in scored:
+                res["vs_true"].setdefault(m, {})[c] = condition_vs_true(scored[m, "true"], scored[m, c], n_boot, seed)
     with_true = [m for m in models if (m, "true") in scored]
     for a, b in combinations(with_true, 2):
         ta = _by_question(scored[a, "true"])

@@ -8,8 +8,9 @@ Layout under an evaluation folder (a run's ``eval/``)::
     predictions/<model>/<condition>/<key>.json      what produced it (``producer``) and its number of questions
 
 ``key`` hashes the producer (base model config, adapter contents, device, decoding) and the cell's question rows
-(ids, questions, images shown by content hash, instruction, answers): changing any of them predicts the cell anew
-under a new key, so old and new answers never mix, and the old cell stays where it was.
+(ids, questions, images shown by content hash, instruction, few-shot examples with their images' hashes, answers):
+changing any of them predicts the cell anew under a new key, so old and new answers never mix, and the old cell
+stays where it was.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from medvqa.runs import write_json
 
 #: the question columns of a prediction row (plus ``model``); with the answers, every column of a cell parquet
 QUESTION_COLUMNS = ("condition", "question_id", "image_id_shown", "true_image_id", "prompt", "true_answer",
-                    "answer_type", "question_type", "source", "instruction", "swap_match")
+                    "answer_type", "question_type", "source", "instruction", "swap_match", "shots")
 ROW_COLUMNS = ("model", *QUESTION_COLUMNS)
 CELL_COLUMNS = (*ROW_COLUMNS, "raw_prediction", "predicted_answer")
 _KEY_CHARS = 16
@@ -59,8 +60,11 @@ def producer(model: Mapping, adapters: Mapping[str, str], use_gpu: bool, max_new
 
 
 def cell_key(produced_by: Mapping, rows: Sequence[Mapping]) -> str:
-    """The key of a cell: its producer and its question rows, in order."""
-    questions = [[str(r.get(c, "")) for c in QUESTION_COLUMNS] for r in rows]
+    """The key of a cell: its producer and its question rows, in order. A row's few-shot examples (``shots``) join
+    its key only when it has some, so the cells of every other condition keep the keys they had before few-shot
+    conditions existed (their stored predictions stay valid)."""
+    questions = [[str(r.get(c, "")) for c in QUESTION_COLUMNS if c != "shots"]
+                 + ([r["shots"]] if r.get("shots") else []) for r in rows]
     return _sha256({"producer": produced_by, "questions": questions})[:_KEY_CHARS]
 
 

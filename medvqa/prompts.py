@@ -7,6 +7,8 @@ question, as one user turn; the assistant turn holds only the answer (or caption
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 EXPERT_INSTRUCTION = (
     "You are an expert radiologist evaluating the case, answer the question succinctly based on the medical image."
 )
@@ -20,6 +22,15 @@ def user_message(instruction: str, question: str = "") -> dict:
     return {"role": "user", "content": content}
 
 
-def prompt_text(processor, instruction: str, question: str = "") -> str:
-    """The rendered prompt up to and including the assistant prefix ("...Assistant:"), ready for generation."""
-    return processor.apply_chat_template([user_message(instruction, question)], add_generation_prompt=True)
+def assistant_message(answer: str) -> dict:
+    """One assistant turn holding an answer (rendered "Assistant: <answer><end_of_utterance>", the text training
+    puts after the prompt)."""
+    return {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+
+
+def prompt_text(processor, instruction: str, question: str = "", examples: Sequence[tuple[str, str]] = ()) -> str:
+    """The rendered prompt up to and including the assistant prefix ("...Assistant:"), ready for generation.
+    ``examples``: (question, answer) pairs shown first as earlier turns of the same chat (few-shot), each a user turn
+    exactly like the question's (instruction, its image, its question) and an assistant turn with its answer."""
+    messages = [m for q, a in examples for m in (user_message(instruction, q), assistant_message(a))]
+    return processor.apply_chat_template(messages + [user_message(instruction, question)], add_generation_prompt=True)

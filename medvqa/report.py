@@ -128,6 +128,56 @@ def breakdown_tables(metrics: Mapping) -> dict[str, tuple[list[str], list[list[s
     return out
 
 
+#: what each condition measures (the report's Conditions section)
+CONDITION_DOCS = {
+    "true": "the test questions on their own images",
+    "swapped": "each question on another test image (same modality and organ when known): the drop from true is "
+               "image reliance",
+    "blank": "each question on a uniform mid-gray image of its image's size: what the model answers from the text "
+             "alone",
+    "expert": "the expert-radiologist instruction instead of the trained one",
+    "few_shot": "solved examples from the training side (never the test side, never the question's image) as earlier "
+                "chat turns before each question",
+    "medhalt": "Med-HALT nonsense questions on random test images: declining is right",
+    "ood": "an out-of-distribution set (PathVQA, or for a phantom run ultrasound phantoms, a modality never trained "
+           "on)",
+}
+
+
+def vs_true_rows(metrics: Mapping) -> list[list[str]]:
+    """Each condition against true, question by question (``metrics.condition_vs_true``)."""
+    rows = []
+    for model, per in (metrics.get("vs_true") or {}).items():
+        for c, by_metric in per.items():
+            for k, r in by_metric.items():
+                rows.append([model, c, k, fmt(r.get("true")), fmt(r.get("condition")),
+                             _signed_ci(r.get("diff"), r.get("ci")), fmt(r.get("p_value")), str(r.get("n", ""))])
+    return rows
+
+
+def skipped_rows(metrics: Mapping) -> list[list[str]]:
+    return [[s.get("model", "*"), s.get("condition", "*"), s.get("reason", "")]
+            for s in metrics.get("skipped_cells") or []]
+
+
+def rejects_rows(run_dir: str | os.PathLike, metrics: Mapping) -> list[list[str]]:
+    """Every data source of the run with its records kept and rejected, the reasons and the file listing them:
+    training's stages (``manifest.json``) and the evaluation's sources (``settings.sources``)."""
+    rd = RunDir(Path(run_dir))
+    manifest = rd.read_json(rd.manifest, default={})
+    reasons = lambda r: ", ".join(f"{k} {v}" for k, v in (r or {}).items()) or "—"
+    rows = [[f"training: {stage}", f"{m.get('source', '')} {m.get('split', '')} ({m.get('protocol', 'official')})",
+             str(m.get("valid", "")), str(m.get("rejected", "")), reasons(m.get("reject_reasons")),
+             os.path.relpath(m["rejects_file"], rd.path) if m.get("rejects_file") else "—"]
+            for stage, m in manifest.items()]
+    for name, src in ((metrics.get("settings") or {}).get("sources") or {}).items():
+        skipped = f" (skipped: {src['too_many']})" if src.get("too_many") else ""
+        rows.append([f"evaluation: {name}", src.get("what", ""), str(src.get("valid", "")),
+                     str(src.get("rejected", "")), reasons(src.get("reject_reasons")) + skipped,
+                     f"eval/{src['rejects_file']}" if src.get("rejects_file") else "—"])
+    return rows
+
+
 def reliance_rows(metrics: Mapping) -> list[list[str]]:
     rows = []
     for model, per in (metrics.get("image_reliance") or {}).items():
@@ -176,42 +226,63 @@ def seed_rows(metrics: Mapping, keys: Sequence[str] = TABLE_METRICS) -> list[lis
     return rows
 
 
-def leakage_section(run_dir: str | os.PathLike, audit: bool = True) -> dict:
-    """{'kind', 'statement', 'audit' (audit_splits output or None)}: for VQA-RAD the train vs test audit of the
-    official split; for phantoms what was used; for others the source and split. Never raises."""
+def leakage_section(run_dir: str | os.PathLike, audit: bool = True, metrics: Mapping | None = None) -> dict:
+    """{'kind', 'protocol', 'statement', 'audit' (audit_splits output or None), 'measured' (lines)}: the protocol the
+    run trained with (``stage2.data.protocol``); the audit of its training side against its test side (image overlap
+    by content hash, near-duplicate questions), for every VQA source and phantoms; and, from ``metrics`` (the
+    evaluation's ``settings.leakage``), how many images of the evaluated test set each fine-tuned model trained on.
+    Never raises."""
+    import dataclasses
+
     rd = RunDir(Path(run_dir))
-    data = to_dict(rd.read_config())["stage2"]["data"] if rd.config.exists() else {}
-    kind = data.get("kind", "unknown")
-    if kind in ("vqa_rad", "vqa_rad_hf"):
+    if not rd.config.exists():
+        return {"kind": "unknown", "protocol": None, "audit": None, "measured": [],
+                "statement": "No config.yaml: the data and protocol are unknown."}
+    data = rd.read_config().stage2.data
+    out: dict[str, Any] = {"kind": data.kind, "protocol": data.protocol, "audit": None,
+                           "measured": measured_leakage(metrics or {})}
+    from medvqa.data.protocol import POOLED_SPLITS, describe, protocol_records
+
+    if data.kind not in POOLED_SPLITS and data.kind != "phantom":
+        out["statement"] = (f"stage-2 source {data.kind!r} at {data.path!r}: no leakage audit for this source.")
+        return out
+    try:
+        what = describe(data)
         if not audit:
-            return {"kind": kind, "audit": None,
-                    "statement": f"VQA-RAD ({kind}) at {data.get('path')!r}: leakage audit not computed (disabled)."}
-        try:
-            from medvqa.audit import audit_splits
-            from medvqa.config import DataConfig
-            from medvqa.data.adapters import iter_raw_records
-            from medvqa.data.records import valid_records
+            out["statement"] = f"Protocol: {what}. Leakage audit not computed (disabled)."
+            return out
+        from medvqa.audit import audit_splits
 
-            def load(split: str) -> list[dict]:
-                source = DataConfig(kind=kind, path=data.get("path", ""), split=split)
-                return valid_records(iter_raw_records(source), keep_images=False)[0]
+        sides = [protocol_records(dataclasses.replace(data, split=side, limit=None, validation_fraction=0.0),
+                                  keep_images=False)[0] for side in ("train", "test")]
+        res = audit_splits(*sides)
+        out["audit"] = res
+        out["statement"] = (f"Protocol: {what}. Shared images between the training and the test side: "
+                            f"{res['image_overlap']['unique_images']}. {res['statement']}")
+    except Exception as e:  # the data may be gone; say so instead of omitting the section
+        out["statement"] = (f"{data.kind} at {data.path!r} ({data.protocol} protocol): the train/test leakage audit "
+                            f"could not be computed ({type(e).__name__}: {e}). Run `medvqa data audit --kind "
+                            f"{data.kind} --path ...`.")
+    return out
 
-            res = audit_splits(load("train"), load("test"))
-            return {"kind": kind, "audit": res,
-                    "statement": f"VQA-RAD ({kind}, official split) at {data.get('path')!r}: {res['statement']}"}
-        except Exception as e:  # the data may be gone; say so instead of omitting the section
-            return {"kind": kind, "audit": None,
-                    "statement": f"VQA-RAD ({kind}) at {data.get('path')!r}: the train/test leakage audit could not "
-                                 f"be computed ({type(e).__name__}: {e}). Run `medvqa data audit --kind {kind} "
-                                 f"--path ...`."}
-    if kind == "phantom":
-        return {"kind": kind, "audit": None,
-                "statement": (f"phantom data: train and test generated from disjoint streams (seed={data.get('seed')}, "
-                              f"split='train' vs split='test'; records are seeded per (task, seed, split, index)); "
-                              f"no VQA-RAD leakage audit applies.")}
-    return {"kind": kind, "audit": None,
-            "statement": (f"stage-2 source {kind!r} at {data.get('path')!r}: train split {data.get('split', 'train')!r}"
-                          f" vs its 'test' split as released; no leakage audit was computed for this source.")}
+
+def measured_leakage(metrics: Mapping) -> list[str]:
+    """Lines saying, per fine-tuned model, how many images of the evaluated test set it trained on (the
+    evaluation's ``settings.leakage``), and why the comparison is not meaningful when one did."""
+    lk = (metrics.get("settings") or {}).get("leakage") or {}
+    if not lk:
+        return []
+    lines = []
+    for model, v in (lk.get("per_model") or {}).items():
+        if v.get("shared_images") is None:
+            lines.append(f"{model}: not measured (its prepared training records are gone).")
+        else:
+            lines.append(f"{model} trained on {v['shared_images']} of the {v['test_images']} images of the evaluated "
+                         f"test set ({v['questions']} of {v['n_questions']} questions).")
+    head = (f"Measured on the evaluated test set ({lk.get('protocol_test')} protocol; the run trained with the "
+            f"{lk.get('protocol_trained')} one):")
+    tail = [] if lk.get("meaningful", True) else [f"NOT A CLEAN TEST: {lk.get('why')}."]
+    return [head, *lines, *tail] if lines else tail
 
 
 def provenance(run_dir: str | os.PathLike) -> dict:
@@ -707,7 +778,7 @@ def build_report(run_dir: str | os.PathLike, audit: bool = True) -> dict:
     out_dir = rd.report
     plots = out_dir / "plots"
     prov = provenance(run_dir)
-    leak = leakage_section(run_dir, audit=audit)
+    leak = leakage_section(run_dir, audit=audit, metrics=metrics)
     bar = plot_metrics(metrics, plots / "metrics.png")
     forest = plot_forest(metrics, plots / "forest.png")
     logs = training_log(run_dir)
@@ -725,10 +796,20 @@ def build_report(run_dir: str | os.PathLike, audit: bool = True) -> dict:
                                              f"conditions: {', '.join(settings.get('conditions') or []) or '—'}; "
                                              f"test questions: {settings.get('n_questions', '—')}; "
                                              f"seed: {settings.get('seed', '—')}")]))
-    sections.append(("Results (Figure 2): mean [95% bootstrap CI]", [
+    warning = [("text", f"NOT A CLEAN TEST: {(settings.get('leakage') or {}).get('why')}.")] \
+        if not (settings.get("leakage") or {}).get("meaningful", True) else []
+    sections.append(("Results (Figure 2): mean [95% bootstrap CI]", warning + [
+        ("text", f"Test set: {settings.get('protocol') or 'the test split of the stage-2 source'}."),
         ("text", "Study metrics: " + ", ".join(STUDY_METRICS) + ". Standard metrics: " + ", ".join(STANDARD_METRICS)
          + " (closed_accuracy over closed questions, open_recall over open ones)."),
         ("table", (FIG2_HEADER, figure2_rows(metrics)))] + ([("image", "plots/metrics.png")] if bar else [])))
+    conditions = [c for c in CONDITION_DOCS if c in (settings.get("conditions") or [])
+                  or any(s.get("condition") == c for s in metrics.get("skipped_cells") or [])]
+    sections.append(("Conditions and skipped cells", [
+        ("table", (("condition", "what it measures"), [[c, CONDITION_DOCS[c]] for c in conditions]))]
+        + ([("text", "Cells not evaluated, with the reason:"),
+            ("table", (("model", "condition", "reason"), skipped_rows(metrics)))] if skipped_rows(metrics) else
+           [("text", "Every cell of the matrix was evaluated.")])))
     sr = seed_rows(metrics)
     if sr:
         sections.append(("Across seeds (training noise)", [
@@ -746,6 +827,14 @@ def build_report(run_dir: str | os.PathLike, audit: bool = True) -> dict:
                  "means the model uses the image."),
         ("table", (("model", "metric", "true", "swapped", "drop [95% CI]", "p", "n"), rel)) if rel else
         ("text", "Not available (needs the true and swapped conditions).")]))
+    vt = vs_true_rows(metrics)
+    if vt:
+        sections.append(("Each condition against true (same questions, paired)", [
+            ("text", "Difference = mean score in the condition minus with the true image and prompt (paired "
+                     "bootstrap). Blank below true: the model reads the image; few-shot above true: the examples "
+                     "help; swapped: minus the image reliance above."),
+            ("table", (("model", "condition", "metric", "true", "condition", "condition − true [95% CI]", "p", "n"),
+                       vt))]))
     mh = metrics.get("medhalt_abstention") or {}
     ab = abstention_rows(metrics)
     sections.append(("Abstention (Med-HALT)", [
@@ -762,8 +851,15 @@ def build_report(run_dir: str | os.PathLike, audit: bool = True) -> dict:
     sections.append(("Training curves (Figure 4)", training_items(logs, curves, out_dir)))
     sections.append(("Cost", cost_items(stage_cost(run_dir, logs=logs), cell_cost(metrics))))
     sections.append(("Leakage", [("text", leak["statement"])]
+                     + ([("text", "\n".join(leak["measured"]))] if leak["measured"] else [])
                      + ([("code", __import__("medvqa.audit", fromlist=["format_audit"]).format_audit(leak["audit"]))]
                         if leak.get("audit") else [])))
+    sources = rejects_rows(run_dir, metrics)
+    sections.append(("Data and rejects", [
+        ("text", "Every source: records kept and rejected (a record that fails validation is never used; each "
+                 "is listed with its reason in the file)."),
+        ("table", (("source", "what", "valid", "rejected", "reasons", "file"), sources)) if sources else
+        ("text", f"No source recorded: `{rd.manifest.name}` and the evaluation's sources are missing.")]))
     if human:
         rows = [[m, c, fmt_ci(s["mean"], s["ci"], 2), str(s["n"])] for m, cs in human.items() for c, s in cs.items()]
         sections.append(("Human evaluation (clinician scores, open questions)", [

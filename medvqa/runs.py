@@ -191,6 +191,11 @@ class RunDir:
     def eval_metrics(self) -> Path:
         return self.eval / "metrics.json"
 
+    def eval_rejects(self, source: str) -> Path:
+        """The evaluation's rejected records of one source ('test', 'ood', 'medhalt'), one JSON line each with its
+        reason (as ``rejects/<stage>.jsonl`` for training)."""
+        return self.eval / "rejects" / f"{source}.jsonl"
+
     @property
     def report(self) -> Path:
         return self.path / "report"

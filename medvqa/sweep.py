@@ -17,8 +17,14 @@ trial (e.g. the validation carve), the parameters to sample (dotted config keys:
   trials are not repeated, an interrupted trial resumes from its run directory's checkpoints (finished stages are
   skipped), and the Optuna state is restored with the searcher (and is in optuna.db either way).
 
-Replicate seeds (``replicates: {run.seed: [0, 1]}``) are sampled like a parameter, so the report can aggregate over
-them and show how much of the variance is seed noise.
+Replicate seeds (``replicates: {run.seed: [0, 1]}``) are replicates, not a dimension of the search: a trial is one
+sampled configuration, and it trains every replicate (every combination of the replicate values) at once, each a
+two-stage run in its own run directory. The trial reports to Tune, once per validation round, the mean over its
+replicates at that round (``run_replicates``, reading the runs' metrics.jsonl): Optuna sees one objective per
+configuration, ASHA compares configurations at equal rounds and stops all replicates of a configuration together,
+and a restored trial resumes every replicate from its run directory. Trials run ``max_concurrent`` at a time, each
+taking its replicates' resources (the default concurrency divides by them). The report shows each configuration's
+mean and per-replicate values and pools replicates into the cells' bands (``medvqa.sweep_report``).
 
 ``medvqa.sweep_report`` reads the sweep directory (no Ray needed) and writes the report and the best preset.
 """
@@ -38,8 +44,8 @@ from typing import Any
 import yaml
 
 from medvqa.config import ConfigError, load_config, named_yaml
-from medvqa.runs import output_root, run_dir_for, write_json
-from medvqa.sweep_report import TRIAL_LINK, write_report
+from medvqa.runs import output_root, read_json, run_dir_for, write_json
+from medvqa.sweep_report import TRIAL_LINK, validation_rounds, write_report
 
 log = logging.getLogger("medvqa.sweep")
 
@@ -190,7 +196,22 @@ def sweep_dir_for(space: SweepSpace) -> Path:
     return output_root(space.output_dir) / f"{space.name}-{space_hash(space)}"
 
 
+def replicate_points(space: SweepSpace) -> list[dict]:
+    """Every combination of the replicate values (``[{}]`` without replicates), in the order written: the runs of
+    one trial."""
+    import itertools
+
+    keys = list(space.replicates)
+    return [dict(zip(keys, values)) for values in itertools.product(*(space.replicates[k] for k in keys))]
+
+
+def replicate_label(point: dict) -> str:
+    """'run.seed=0' (keys joined with ','): a replicate's name in links, reports and run names."""
+    return ",".join(f"{k}={v}" for k, v in point.items())
+
+
 def tune_param_space(space: SweepSpace) -> dict:
+    """Tune domains of the searched parameters (replicates are not searched: every trial runs all of them)."""
     from ray import tune
 
     def domain(spec: dict):
@@ -203,9 +224,7 @@ def tune_param_space(space: SweepSpace) -> dict:
             return tune.uniform(*arg)
         return tune.randint(int(arg[0]), int(arg[1]) + 1)  # inclusive upper bound, as written
 
-    out = {k: domain(s) for k, s in space.params.items()}
-    out.update({k: tune.choice(v) for k, v in space.replicates.items()})
-    return out
+    return {k: domain(s) for k, s in space.params.items()}
 
 
 LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"  # `ray up` writes the cluster config here on the head node
@@ -264,41 +283,84 @@ def max_concurrent_trials(space: SweepSpace, present: dict, maximum: dict | None
     if space.max_concurrent:
         return space.max_concurrent
     r = space.base_config().resources
+    runs = len(replicate_points(space))  # a trial trains all its replicates at once
     have = {k: max(present.get(k, 0), (maximum or {}).get(k, 0)) for k in ("CPU", "GPU")}
     if r.use_gpu:
-        per_trial = r.num_workers * r.gpus_per_worker  # fractions pack trials: 4 per GPU at 0.25
+        per_trial = runs * r.num_workers * r.gpus_per_worker  # fractions pack trials: 4 per GPU at 0.25
         if have["GPU"] < per_trial:
             seen = ("at most, by its autoscaling config" if maximum else
                     "now, and Ray publishes no autoscaling maximum for it (an autoscaling cluster may start its GPU "
                     "nodes on demand, from zero, as on KubeRay)")
             raise RuntimeError(
-                f"the cluster has {have['GPU']:g} GPU(s) {seen}; a trial needs {per_trial:g} "
-                "(resources.num_workers x resources.gpus_per_worker). Set how many trials run at once: max_concurrent "
-                f"in the search space ({space.name}) or --max-concurrent N, with N = the GPUs the cluster can scale "
-                f"to / {per_trial:g}")
+                f"the cluster has {have['GPU']:g} GPU(s) {seen}; a trial needs {per_trial:g} (resources.num_workers x "
+                f"resources.gpus_per_worker x {runs} replicate run(s)). Set how many trials run at once: "
+                f"max_concurrent in the search space ({space.name}) or --max-concurrent N, with N = the GPUs the "
+                f"cluster can scale to / {per_trial:g}")
         derived = int(have["GPU"] / per_trial + 1e-9)
     else:
-        per_trial = r.num_workers * r.cpus_per_worker + r.data_concurrency * r.data_cpus_per_task
+        per_trial = runs * (r.num_workers * r.cpus_per_worker + r.data_concurrency * r.data_cpus_per_task)
         derived = max(1, int(have["CPU"] // per_trial))
     return min(derived, space.num_samples)
 
 
-def _tune_callback(metric: str, extra: dict):
-    """A Ray Train callback that forwards to Tune only the reports carrying ``metric`` (validation rounds), with
-    ``extra`` fields added. Stage-1 and plain checkpoint reports lack it, and Tune rejects a result without the metric
-    its searcher and scheduler expect."""
-    from ray.tune.integration.ray_train import TuneReportCallback
+def _round_mean(rows: dict[str, dict], metric: str) -> dict:
+    """One Tune result from the replicates' rows of one validation round: the mean of every numeric val_* metric,
+    the metric per replicate, and whether every replicate finished (``val_final``)."""
+    import numpy as np
 
-    class ValidationReports(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            if metrics and metric in metrics[0]:
-                super().after_report(run_context, [{**metrics[0], **extra}, *metrics[1:]], checkpoint)
+    first = next(iter(rows.values()))
+    out = {k: float(np.mean([r[k] for r in rows.values()])) for k, v in first.items()
+           if k.startswith("val_") and isinstance(v, (int, float)) and not isinstance(v, bool)
+           and all(isinstance(r.get(k), (int, float)) for r in rows.values())}
+    out.update({TIME_ATTR: first[TIME_ATTR], "val_final": all(r.get("val_final") for r in rows.values()),
+                "n_replicates": len(rows), f"{metric}_by_replicate": {k: r[metric] for k, r in rows.items()}})
+    return out
 
-    return ValidationReports()
+
+def run_replicates(cfgs: dict[str, Any], metric: str, report, poll_s: float = 1.0, train=None) -> None:
+    """Train the runs ``cfgs`` (replicate label -> Config) at once, one thread each (``train(cfg)``, by default
+    ``train.run_two_stage``), and
+    call ``report(result)`` for every validation round once all replicates have reached it, in round order, with
+    the mean over the replicates (``_round_mean``). Rounds are read from the runs' metrics.jsonl, where the workers
+    write them; after a restart the rounds already there are reported again (ASHA keeps its first decision per
+    rung). The first failing replicate fails the whole trial."""
+    import threading
+    import time
+
+    from medvqa.train import run_two_stage
+
+    errors: list[BaseException] = []
+    train_one = train or run_two_stage
+
+    def train(cfg) -> None:
+        try:
+            train_one(cfg)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the trial's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=train, args=(cfg,), name=f"replicate-{label}", daemon=True)
+               for label, cfg in cfgs.items()]
+    for t in threads:
+        t.start()
+    dirs = {label: run_dir_for(cfg).path for label, cfg in cfgs.items()}
+    done = 0
+    while True:
+        finished = not any(t.is_alive() for t in threads)
+        if errors:
+            raise errors[0]
+        rounds = {label: {r[TIME_ATTR]: r for r in validation_rounds(d)} for label, d in dirs.items()}
+        common = sorted(set.intersection(*(set(v) for v in rounds.values())))
+        for k in (k for k in common if k > done):
+            report(_round_mean({label: rounds[label][k] for label in dirs}, metric))
+            done = k
+        if finished:
+            return
+        time.sleep(poll_s)
 
 
 def trial_fn(params: dict, space: dict, sweep_dir: str) -> None:
-    """One Tune trial: a two-stage run in its own run directory, reporting validation rounds to Tune."""
+    """One Tune trial: one sampled configuration trained for every replicate (``run_replicates``), each a two-stage
+    run in its own run directory, reporting the replicates' mean per validation round to Tune."""
     from ray import tune
 
     from medvqa.observe import tracked
@@ -308,13 +370,24 @@ def trial_fn(params: dict, space: dict, sweep_dir: str) -> None:
     sp = SweepSpace(**space)
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
-    cfg = trial_config(sp, params, f"trial-{trial_id}", str(Path(sweep_dir) / "runs"))
-    rd = run_dir_for(cfg)
-    log.info("trial %s: %s -> %s", trial_id, params, rd.path)
-    # The report reads a trial's numbers from its run directory (metrics.jsonl), found through this link.
-    write_json(Path(ctx.get_trial_dir()) / TRIAL_LINK, {"trial_id": trial_id, "run_dir": str(rd.path)})
-    with tracked(cfg, rd, tags={"medvqa.trial_id": trial_id}, parent=read_session(sweep_dir)):  # MLflow child run
-        run_two_stage(cfg, callbacks=[_tune_callback(sp.metric, {"run_dir": str(rd.path), "trial_id": trial_id})])
+    points = replicate_points(sp)
+    cfgs = {replicate_label(p): trial_config(sp, {**params, **p},
+                                             "-".join([f"trial-{trial_id}", *(f"{k.rsplit('.', 1)[-1]}{v}"
+                                                                              for k, v in p.items())]),
+                                             str(Path(sweep_dir) / "runs"))
+            for p in points}
+    runs = {label: str(run_dir_for(cfg).path) for label, cfg in cfgs.items()}
+    log.info("trial %s: %s x %d replicate(s) -> %s", trial_id, params, len(points), runs)
+    # The report reads a trial's numbers from its run directories (metrics.jsonl), found through this link.
+    write_json(Path(ctx.get_trial_dir()) / TRIAL_LINK, {"trial_id": trial_id, "runs": runs,
+                                                        "replicates": {replicate_label(p): p for p in points}})
+    parent = read_session(sweep_dir)
+
+    def train(cfg) -> None:  # each replicate is an MLflow child run of the sweep
+        with tracked(cfg, run_dir_for(cfg), tags={"medvqa.trial_id": trial_id}, parent=parent):
+            run_two_stage(cfg)
+
+    run_replicates(cfgs, sp.metric, lambda result: tune.report({**result, "trial_id": trial_id}), train=train)
 
 
 def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool = True) -> Path:
@@ -374,7 +447,8 @@ def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool =
         log.warning("sweep %s: %d trial(s) failed; first error: %s", space.name, len(errors), errors[0])
     if report:
         write_report(sdir)
-    tracking.end_sweep(sdir, "FAILED" if errors else "FINISHED", sdir / "report",  # MLflow: the parent, stopped trials
-                       [(r.metrics or {}).get("run_dir") for r in results if not r.error])
+    ended = [d for r in results if not r.error and r.path
+             for d in read_json(Path(r.path) / TRIAL_LINK, {}).get("runs", {}).values()]
+    tracking.end_sweep(sdir, "FAILED" if errors else "FINISHED", sdir / "report", ended)  # the parent, stopped runs
     log.info("sweep done: %s", sdir)
     return sdir

@@ -1,19 +1,22 @@
 """Sweep report: every trial, the Figure-3 curve, what mattered, and the best configuration as a preset.
 
 Reads only files (no Ray): ``<sweep_dir>/space.yaml``, Tune's per-trial folders (``params.json``, errors, the
-``medvqa_run.json`` link to the trial's run directory, ``result.json`` for Tune's trial time) and each trial's
-``metrics.jsonl`` (its validation rounds). Writes ``<sweep_dir>/report/``:
+``medvqa_run.json`` link to the trial's run directories, one per replicate, ``result.json`` for Tune's trial time)
+and each run's ``metrics.jsonl`` (its validation rounds). A trial is one sampled configuration trained for every
+replicate (``medvqa.sweep``). Writes ``<sweep_dir>/report/``:
 
-- ``trials.csv``: one row per trial: status, parameters, replicate seed, validation rounds reached, the metric with its
-  bootstrap CI, the other ``val_*`` metrics, training seconds, and the trial's run directory (every number traces to
-  its run: ``<run_dir>/metrics.jsonl`` holds the same validation rows).
+- ``trials.csv``: one row per trial: status, parameters, replicates, validation rounds reached by all of them, the
+  metric's mean over the replicates with its band (a 95% t-interval across replicates; one replicate: its bootstrap
+  CI over validation questions), each replicate's value, the other ``val_*`` metrics (means), training seconds and
+  the run directories (every number traces to its runs: ``<run_dir>/metrics.jsonl`` holds the validation rows).
+  ``runs.csv``: one row per replicate run.
 - ``report.md`` / ``report.html``: the tables below and the plots.
 - ``curve.png``: validation score vs ``report.x`` (ROCO subset size), one line per ``report.line`` (LoRA rank).
-  A point is the mean over the completed trials of that cell (replicate seeds and any other parameter pooled); its
-  band is a 95% t-interval across those trials when there are two or more, else the trial's own bootstrap CI over
+  A point is the mean over the runs of that cell's completed trials (replicates and any other parameter pooled);
+  its band is a 95% t-interval across those runs when there are two or more, else the run's own bootstrap CI over
   validation questions.
-- importance: for each parameter (and the replicate seed, as a noise reference), the share of the variance of the
-  completed trials' scores explained by its values (one-way eta squared). A parameter that explains no more than the
+- importance: for each parameter (and each replicate key, as a noise reference), the share of the variance of the
+  completed runs' scores explained by its values (one-way eta squared). A parameter that explains no more than the
   seed did not matter measurably.
 - ``best.yaml``: the resolved config of the best cell's trial, with the validation carve removed (train on all of
   stage 2's training split), the seed back to the base preset's and a run name of its own:
@@ -31,6 +34,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -58,59 +62,115 @@ def validation_rounds(run_dir: str | os.PathLike) -> list[dict]:
     return [rounds[k] for k in sorted(rounds)]
 
 
-def load_trials(sweep_dir: str | os.PathLike) -> tuple[dict, pd.DataFrame]:
-    """(the sweep's space, one row per trial). Raises FileNotFoundError when ``sweep_dir`` is not a sweep.
+def _link(trial_dir: Path, results: list[dict]) -> tuple[str | None, dict[str, str], dict[str, dict]]:
+    """(trial id, replicate label -> run dir, label -> replicate values) of a Tune trial folder, from the link
+    ``sweep.trial_fn`` writes (or, before it was written, Tune's results)."""
+    link = json.loads((trial_dir / TRIAL_LINK).read_text()) if (trial_dir / TRIAL_LINK).exists() else {}
+    trial_id = link.get("trial_id") or next((r["trial_id"] for r in results if r.get("trial_id")), None)
+    runs = link.get("runs") or {}
+    return trial_id, runs, link.get("replicates") or {label: {} for label in runs}
 
-    Parameters and errors come from Tune's trial folders; the scores from the trial's run directory (Tune's
-    ``result.json`` misses rounds reported just before a kill, the run's metrics.jsonl does not)."""
+
+def load_runs(sweep_dir: str | os.PathLike) -> tuple[dict, pd.DataFrame]:
+    """(the sweep's space, one row per replicate run of every trial). Raises FileNotFoundError when ``sweep_dir`` is
+    not a sweep.
+
+    Parameters and errors come from Tune's trial folders; the scores from the runs' directories (Tune's
+    ``result.json`` misses rounds reported just before a kill, the runs' metrics.jsonl do not). A trial whose link
+    is not written yet has one row without a run."""
     sweep_dir = Path(sweep_dir)
     space_file = sweep_dir / "space.yaml"
     if not space_file.exists():
         raise FileNotFoundError(f"{space_file}: not a sweep directory (run `medvqa sweep run` first)")
     space = yaml.safe_load(space_file.read_text())
-    metric, keys = space["metric"], list(space["params"]) + list(space.get("replicates") or {})
+    metric = space["metric"]
     rows = []
     for params_file in sorted((sweep_dir / "tune").glob("*/params.json")):
         trial_dir = params_file.parent
         params = json.loads(params_file.read_text())
-        link = json.loads((trial_dir / TRIAL_LINK).read_text()) if (trial_dir / TRIAL_LINK).exists() else {}
         results = read_jsonl(trial_dir / "result.json")
-        run_dir = link.get("run_dir") or next((r["run_dir"] for r in results if r.get("run_dir")), None)
-        rounds = validation_rounds(run_dir)
-        last = rounds[-1] if rounds else {}
+        trial_id, runs, replicates = _link(trial_dir, results)
         error = ""
         if (trial_dir / "error.txt").exists() or (trial_dir / "error.pkl").exists():
-            status = "error"
             text = (trial_dir / "error.txt").read_text().strip() if (trial_dir / "error.txt").exists() else ""
             error = text.splitlines()[-1][:300] if text else "see error.pkl"
-        elif last.get("val_final"):
-            status = "completed"
-        elif rounds:
-            status = "stopped"
-        else:
-            status = "pending"
-        ci = last.get(f"{metric}_ci") or [None, None]
         tune_seconds = [r["time_total_s"] for r in results if "time_total_s" in r]
-        trial_id = link.get("trial_id") or next((r["trial_id"] for r in results if r.get("trial_id")), trial_dir.name)
-        row = {"trial_id": trial_id, "status": status,
-               **{k: params.get(k) for k in keys}, "val_round": last.get("val_round"), metric: last.get(metric),
-               "ci_low": ci[0], "ci_high": ci[1], "val_n": last.get("val_n"),
-               "seconds": tune_seconds[-1] if tune_seconds else None, "run_dir": run_dir, "trial_dir": str(trial_dir),
-               "error": error}
-        row.update({k: v for k, v in last.items() if k.startswith("val_") and not k.endswith("_ci")
-                    and k not in row and not isinstance(v, (list, dict))})
+        for label, run_dir in (runs or {"": None}).items():
+            rounds = validation_rounds(run_dir)
+            last = rounds[-1] if rounds else {}
+            status = "completed" if last.get("val_final") else "stopped" if rounds else "pending"
+            ci = last.get(f"{metric}_ci") or [None, None]
+            row = {"trial_id": trial_id or trial_dir.name, "replicate": label,
+                   **{k: params.get(k) for k in space["params"]}, **replicates.get(label, {}),
+                   "run_status": status, "rounds": {r["val_round"]: r.get(metric) for r in rounds},
+                   "val_round": last.get("val_round"), metric: last.get(metric), "ci_low": ci[0], "ci_high": ci[1],
+                   "val_n": last.get("val_n"), "seconds": tune_seconds[-1] if tune_seconds else None,
+                   "run_dir": run_dir, "trial_dir": str(trial_dir), "error": error}
+            row.update({k: v for k, v in last.items() if k.startswith("val_") and not k.endswith("_ci")
+                        and k not in row and not isinstance(v, (list, dict))})
+            rows.append(row)
+    return space, pd.DataFrame(rows)
+
+
+def load_trials(sweep_dir: str | os.PathLike) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """(the sweep's space, one row per trial, one row per run: ``load_runs``). A trial's status: ``error`` (Tune
+    recorded one), ``completed`` (every replicate reached its final round), ``stopped`` (at a lower round: ASHA, or
+    an interrupted sweep), ``pending``. Its score: the mean over its replicates at the last round all of them
+    reached, with the band described in the module doc."""
+    space, runs = load_runs(sweep_dir)
+    metric = space["metric"]
+    rows = []
+    for trial_id, g in (runs.groupby("trial_id", sort=False) if not runs.empty else []):
+        first = g.iloc[0]
+        common = set.intersection(*(set(r) for r in g["rounds"])) if g["run_dir"].notna().all() else set()
+        at = max(common) if common else None
+        values = [float(r[at]) for r in g["rounds"]] if at is not None else []
+        if first["error"]:
+            status = "error"
+        elif len(g) and (g["run_status"] == "completed").all():
+            status = "completed"
+        else:
+            status = "stopped" if at is not None else "pending"
+        if len(values) >= 2:
+            v = np.array(values)
+            half = _t975(len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+            low, high = v.mean() - half, v.mean() + half
+        elif values and first["val_round"] == at:
+            low, high = first["ci_low"], first["ci_high"]
+        else:
+            low = high = None
+        row = {"trial_id": trial_id, "status": status, **{k: first[k] for k in space["params"]},
+               "replicates": len(g), "val_round": at, metric: float(np.mean(values)) if values else None,
+               "ci_low": low, "ci_high": high,
+               f"{metric}_by_replicate": "; ".join(f"{lbl or '-'}: {val:.4f}" for lbl, val in
+                                                     zip(g["replicate"], values)),
+               "seconds": first["seconds"], "run_dir": first["run_dir"],
+               "run_dirs": " ".join(str(d) for d in g["run_dir"] if d), "trial_dir": first["trial_dir"],
+               "error": first["error"]}
+        done = g[g["run_status"] == "completed"]
+        row.update({k: float(done[k].astype(float).mean()) for k in g.columns
+                    if k.startswith("val_") and k not in row and k != "val_round" and len(done)})
         rows.append(row)
     df = pd.DataFrame(rows)
     if not df.empty:
         df["_order"] = df["status"].map(STATUS_ORDER.index)
         df = df.sort_values(["_order", metric], ascending=[True, space["mode"] == "min"]).drop(columns="_order")
-    return space, df.reset_index(drop=True)
+    return space, df.reset_index(drop=True), runs
 
 
-def cell_summary(space: dict, trials: pd.DataFrame) -> pd.DataFrame:
-    """Completed trials grouped by searched parameters (replicates pooled): n, mean, band (see the module doc)."""
+def _completed_runs(trials: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs of the completed trials."""
+    if trials.empty or runs.empty:
+        return runs.iloc[0:0]
+    done = set(trials.loc[trials["status"] == "completed", "trial_id"])
+    return runs[runs["trial_id"].isin(done)]
+
+
+def cell_summary(space: dict, trials: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs of completed trials grouped by searched parameters (replicates pooled): n runs, mean, band (see the
+    module doc), the trials."""
     metric, params = space["metric"], list(space["params"])
-    done = trials[trials["status"] == "completed"] if not trials.empty else trials
+    done = _completed_runs(trials, runs)
     if done.empty:
         return pd.DataFrame(columns=[*params, "n", "mean", "low", "high", "trial_ids"])
     rows = []
@@ -123,19 +183,19 @@ def cell_summary(space: dict, trials: pd.DataFrame) -> pd.DataFrame:
         else:
             low, high = g["ci_low"].iloc[0], g["ci_high"].iloc[0]
         rows.append({**dict(zip(params, key)), "n": len(v), "mean": float(v.mean()), "low": low, "high": high,
-                     "trial_ids": " ".join(g["trial_id"])})
+                     "trial_ids": " ".join(dict.fromkeys(g["trial_id"]))})
     out = pd.DataFrame(rows)
     return out.sort_values("mean", ascending=space["mode"] == "min").reset_index(drop=True)
 
 
-def importance(space: dict, trials: pd.DataFrame) -> pd.DataFrame:
-    """Eta squared of each searched parameter and replicate key over the completed trials' scores (module doc)."""
+def importance(space: dict, trials: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Eta squared of each searched parameter and replicate key over the completed trials' runs (module doc)."""
     metric = space["metric"]
-    done = trials[trials["status"] == "completed"] if not trials.empty else trials
+    done = _completed_runs(trials, runs)
     keys = [(k, "parameter") for k in space["params"]] + [(k, "replicate") for k in space.get("replicates") or {}]
     rows = []
     for key, role in keys:
-        if len(done) < 3:
+        if len(done) < 3 or key not in done.columns:
             rows.append({"key": key, "role": role, "eta_squared": None, "levels": None})
             continue
         y = done[metric].astype(float)
@@ -155,7 +215,7 @@ def best_preset(space: dict, trials: pd.DataFrame, cells: pd.DataFrame) -> tuple
         return None
     best = cells.iloc[0]
     trial_id = best["trial_ids"].split()[0]
-    trial = trials[trials["trial_id"] == trial_id].iloc[0]
+    trial = trials[trials["trial_id"] == trial_id].iloc[0]  # its first replicate's run: the replicates reset below
     cfg = to_dict(RunDir(Path(str(trial["run_dir"]))).read_config())  # FileNotFoundError when the run is gone
     base = to_dict(load_config(space["preset"]))
     cfg["stage2"]["data"]["validation_fraction"] = base["stage2"]["data"]["validation_fraction"]
@@ -170,7 +230,7 @@ def best_preset(space: dict, trials: pd.DataFrame, cells: pd.DataFrame) -> tuple
     cfg["run"]["output_dir"] = base["run"]["output_dir"]
     params = {k: (v.item() if hasattr(v, "item") else v) for k, v in best.items() if k in space["params"]}
     prov = {"params": params, "mean": float(best["mean"]), "band": [_num(best["low"]), _num(best["high"])],
-            "n_trials": int(best["n"]), "trial_ids": best["trial_ids"], "run_dir": str(trial["run_dir"])}
+            "n_runs": int(best["n"]), "trial_ids": best["trial_ids"], "run_dir": str(trial["run_dir"])}
     return cfg, prov
 
 
@@ -212,52 +272,60 @@ def plot_curve(space: dict, cells: pd.DataFrame, path: Path) -> Path | None:
 def write_report(sweep_dir: str | os.PathLike) -> dict:
     """Write ``<sweep_dir>/report/``; returns the paths written and the best cell."""
     sweep_dir = Path(sweep_dir)
-    space, trials = load_trials(sweep_dir)
+    space, trials, runs = load_trials(sweep_dir)
     if trials.empty:
         raise ValueError(f"{sweep_dir}: no trials yet")
     metric = space["metric"]
     out = sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     trials.to_csv(out / "trials.csv", index=False)
-    cells = cell_summary(space, trials)
-    imp = importance(space, trials)
+    runs.drop(columns="rounds").to_csv(out / "runs.csv", index=False)
+    cells = cell_summary(space, trials, runs)
+    imp = importance(space, trials, runs)
     curve = plot_curve(space, cells, out / "curve.png")
     best = best_preset(space, trials, cells)
-    written = {"trials_csv": str(out / "trials.csv"), "markdown": str(out / "report.md"),
+    written = {"trials_csv": str(out / "trials.csv"), "runs_csv": str(out / "runs.csv"),
+               "markdown": str(out / "report.md"),
                "html": str(out / "report.html"), "curve": str(curve) if curve else None, "best_yaml": None,
                "best": None, "trials": len(trials),
                "status": {s: int((trials["status"] == s).sum()) for s in STATUS_ORDER}}
     if best:
         cfg, prov = best
         header = (f"# Best configuration of sweep {space['name']} ({sweep_dir})\n"
-                  f"# {metric} = {prov['mean']:.4f} (mean of {prov['n_trials']} trial(s): {prov['trial_ids']}) "
+                  f"# {metric} = {prov['mean']:.4f} (mean of {prov['n_runs']} run(s) of trial(s) {prov['trial_ids']}) "
                   f"with {json.dumps(prov['params'])}\n# from {prov['run_dir']}; validation carve removed: train on "
                   f"the full split.\n#   python jobs/two_stage.py --preset {out / 'best.yaml'}\n")
         (out / "best.yaml").write_text(header + yaml.safe_dump(cfg, sort_keys=False))
         written.update(best_yaml=str(out / "best.yaml"), best=prov)
 
-    params = list(space["params"]) + list(space.get("replicates") or {})
-    trial_rows = [[r["trial_id"], r["status"], *[r[k] for k in params], r["val_round"] if pd.notna(r["val_round"])
-                   else "—", fmt_ci(_num(r[metric]), [_num(r["ci_low"]), _num(r["ci_high"])]),
-                   fmt(_num(r["seconds"]), 0), r["run_dir"] or "—"] for _, r in trials.iterrows()]
-    trial_header = ["trial", "status", *params, "rounds", f"{metric} [95% CI]", "seconds", "run dir"]
+    params = list(space["params"])
+    trial_rows = [[r["trial_id"], r["status"], *[r[k] for k in params], int(r["replicates"]),
+                   int(r["val_round"]) if pd.notna(r["val_round"]) else "—",
+                   fmt_ci(_num(r[metric]), [_num(r["ci_low"]), _num(r["ci_high"])]),
+                   r[f"{metric}_by_replicate"] or "—", fmt(_num(r["seconds"]), 0), r["run_dirs"] or "—"]
+                  for _, r in trials.iterrows()]
+    trial_header = ["trial", "status", *params, "replicates", "rounds", f"mean {metric} [95% band]",
+                    "per replicate", "seconds", "run dirs"]
     cell_rows = [[*[r[k] for k in space["params"]], int(r["n"]), fmt_ci(r["mean"], [_num(r["low"]), _num(r["high"])]),
                   r["trial_ids"]] for _, r in cells.iterrows()]
-    cell_header = [*space["params"], "trials", f"mean {metric} [95% band]", "trial ids"]
+    cell_header = [*space["params"], "runs", f"mean {metric} [95% band]", "trial ids"]
     imp_rows = [[r["key"], r["role"], fmt(_num(r["eta_squared"])), int(r["levels"]) if pd.notna(r["levels"]) else "—"]
                 for _, r in imp.iterrows()]
     counts = ", ".join(f"{n} {s}" for s, n in written["status"].items() if n)
     seconds = trials["seconds"].astype(float).sum()
     stopping = "ASHA " + json.dumps(space["asha"]) if space.get("asha") else "none"
+    reps = ", ".join(f"{k} {v}" for k, v in (space.get("replicates") or {}).items()) or "none"
     summary = (f"Directory: `{sweep_dir}`  \nBase preset: `{space['preset']}`; metric `{metric}` ({space['mode']}) on "
                "a validation split carved from stage-2 training data (never the test split).  \n"
+               f"Replicates: {reps}: every trial (one sampled configuration) trains all of them; Optuna and ASHA see "
+               "their mean per validation round.  \n"
                f"Trials: {len(trials)} ({counts}); {seconds:.0f} trial-seconds.  \n"
                f"Early stopping: {stopping}; Optuna TPE seed {space['seed']}; study in `optuna.db`.")
     best_text = "No completed trial yet."
     if best:
         top = written["best"]
-        best_text = (f"{json.dumps(top['params'])}: {metric} {fmt_ci(top['mean'], top['band'])} over {top['n_trials']} "
-                     f"trial(s). Preset: `best.yaml` (`python jobs/two_stage.py --preset {out / 'best.yaml'}`).")
+        best_text = (f"{json.dumps(top['params'])}: {metric} {fmt_ci(top['mean'], top['band'])} over {top['n_runs']} "
+                     f"run(s). Preset: `best.yaml` (`python jobs/two_stage.py --preset {out / 'best.yaml'}`).")
     importance_note = ("Share of the score variance explained by each key's values; the replicate seed is the noise "
                        "reference.")
     sections = [
@@ -265,7 +333,7 @@ def write_report(sweep_dir: str | os.PathLike) -> dict:
         ("Best configuration", [("text", best_text)]),
         ("Curve (Figure 3)", [("image", "curve.png")] if curve else [("text", "No completed trial yet.")]),
         ("Cells (completed trials, replicates pooled)", [("table", (cell_header, cell_rows))]),
-        ("What mattered (eta squared of the completed trials' scores)",
+        ("What mattered (eta squared of the completed runs' scores)",
          [("text", importance_note), ("table", (["key", "role", "eta²", "levels"], imp_rows))]),
         ("Trials", [("table", (trial_header, trial_rows))]),
     ]

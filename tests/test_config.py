@@ -133,7 +133,8 @@ def test_eval_section_is_typed_config():
     keys = {key for key, _, _ in field_docs(Config()) if key.startswith("eval.")}
     assert {"eval.conditions", "eval.max_new_tokens", "eval.concurrency", "eval.cpus_per_actor", "eval.gpus_per_actor",
             "eval.batch_size", "eval.feature_cache_mb", "eval.medhalt_path", "eval.ood_path"} <= keys
-    assert load_config("tiny").eval.conditions == ["true", "swapped", "expert", "medhalt"]
+    assert load_config("tiny").eval.conditions == ["true", "swapped", "blank", "expert", "few_shot", "medhalt", "ood"]
+    assert load_config("tiny").eval.models == ["base", "single_stage", "two_stage"]
     assert load_config("tiny", ["eval.conditions=true"]).eval.conditions == ["true"]
     assert load_config("tiny", ["eval.conditions=true,ood"]).eval.conditions == ["true", "ood"]
     assert load_config("tiny", ["eval.conditions=[true, swapped]"]).eval.conditions == ["true", "swapped"]
@@ -142,7 +143,9 @@ def test_eval_section_is_typed_config():
     assert from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg
     for bad, key in (("eval.conditions=true,nope", "eval.conditions[1]"), ("eval.conditions=true,true",
                      "eval.conditions"), ("eval.max_new_tokens=0", "eval.max_new_tokens"),
-                     ("eval.gpus_per_actor=0.5", "eval.gpus_per_actor"), ("eval.cpus_per_actor=0", "eval.cpus_per_actor")):
+                     ("eval.gpus_per_actor=0.5", "eval.gpus_per_actor"), ("eval.cpus_per_actor=0", "eval.cpus_per_actor"),
+                     ("eval.few_shot_k=0", "eval.few_shot_k"), ("eval.models=base,nope", "eval.models[1]"),
+                     ("eval.protocol=clean", "eval.protocol")):
         with pytest.raises(ConfigError, match=re.escape(key)):
             load_config("tiny", [bad])
 
@@ -151,6 +154,7 @@ def test_phantom_anatomies_match_the_generator():
     import typing
 
     from medvqa.config import PhantomAnatomy
-    from medvqa.data.phantoms import MODALITIES, ORGANS
+    from medvqa.data.phantoms import MODALITIES, OOD_MODALITIES, ORGANS
 
-    assert set(typing.get_args(PhantomAnatomy)) == {""} | {f"{m}/{o}" for m in MODALITIES for o in ORGANS}
+    assert set(typing.get_args(PhantomAnatomy)) == {""} | {f"{m}/{o}" for m in MODALITIES + OOD_MODALITIES
+                                                                      for o in ORGANS}

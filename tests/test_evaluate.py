@@ -204,19 +204,33 @@ def test_eval_settings_are_recorded_without_changing_the_run_id(tmp_path, monkey
 
 def test_train_with_run_evaluate_then_evaluates(tmp_path, monkeypatch):
     """`medvqa train run.evaluate=true` (= jobs/two_stage.py) evaluates the run it trained, with its eval.*
-    settings; without run.evaluate it does not."""
+    settings, after training the single-stage baseline (stage 1 off, everything else the same) when eval.models
+    asks for it; without run.evaluate it does not evaluate."""
     from typer.testing import CliRunner
 
     import medvqa.train
     from medvqa.cli import app
 
     calls = []
-    monkeypatch.setattr(medvqa.train, "run_two_stage", lambda cfg: calls.append(("train", cfg.eval)) or tmp_path)
-    monkeypatch.setattr(ev, "evaluate_run", lambda run_dir: calls.append(("eval", run_dir)) or {
-        "metrics_path": "m", "predicted": [], "skipped": [], "rows_reused": {}})
+
+    def train(cfg):
+        calls.append(("train", cfg))
+        return tmp_path / cfg.run.name
+
+    monkeypatch.setattr(medvqa.train, "run_two_stage", train)
+    monkeypatch.setattr(ev, "evaluate_run", lambda run_dir, single_stage=None: calls.append(
+        ("eval", run_dir, single_stage)) or {"metrics_path": "m", "predicted": [], "skipped": [], "rows_reused": {}})
     res = CliRunner().invoke(app, ["train", "run.evaluate=true", "eval.max_new_tokens=5"])
     assert res.exit_code == 0, res.output
-    assert [c[0] for c in calls] == ["train", "eval"] and calls[0][1].max_new_tokens == 5 and calls[1][1] == tmp_path
+    assert [c[0] for c in calls] == ["train", "train", "eval"]
+    two, one = calls[0][1], calls[1][1]
+    assert two.stage1.enabled and not one.stage1.enabled and one.run.name == "tiny-single-stage"
+    assert one.stage2 == two.stage2 and one.run.seed == two.run.seed and one.eval.max_new_tokens == 5
+    assert run_id(one) == run_id(load_config("tiny_single_stage"))  # the preset's baseline run, found again
+    assert calls[2][1:] == (tmp_path / "tiny", tmp_path / "tiny-single-stage")
+    calls.clear()
+    assert CliRunner().invoke(app, ["train", "run.evaluate=true", "eval.models=base,two_stage"]).exit_code == 0
+    assert [c[0] for c in calls] == ["train", "eval"] and calls[1][2] is None
     calls.clear()
     assert CliRunner().invoke(app, ["train"]).exit_code == 0 and [c[0] for c in calls] == ["train"]
 
@@ -300,6 +314,119 @@ def test_another_question_set_is_another_cell(records, tmp_path):
     assert cell_key(PRODUCER, cells["true"]) != cell_key({**PRODUCER, "device": "cuda"}, cells["true"])
 
 
+def test_blank_condition_shows_a_uniform_gray_image_of_each_images_size(records):
+    import hashlib
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from data_fixtures import image_bytes
+
+    wide = validate_record({**phantom_records("vqa", 1, seed=9, split="test")[0], "id": "wide",
+                            "image": image_bytes(size=(48, 32)), "image_id": ""})
+    test = records[:3] + [wide]
+    rows = build_cells(test, ["blank"], INSTRUCTION)["blank"]
+    assert [r["question_id"] for r in rows] == [r["id"] for r in test]
+    for r, rec in zip(rows, test):
+        shown, true = Image.open(io.BytesIO(r["image"])), Image.open(io.BytesIO(rec["image"]))
+        assert shown.size == true.size  # same resize and image tokens as the true condition
+        assert np.unique(np.asarray(shown.convert("RGB"))).tolist() == [128]  # uniform mid-gray
+        assert r["image_id_shown"] == hashlib.sha1(r["image"]).hexdigest() != rec["image_id"]
+        assert r["true_image_id"] == rec["image_id"] and r["prompt"] == rec["prompt"] and r["shots"] == ""
+    assert len({r["image_id_shown"] for r in rows}) == 2  # one gray image per size
+
+
+def test_few_shot_examples_come_from_the_training_pool_never_from_the_questions_image(records):
+    from medvqa.conditions import examples_of, pack_images, unpack_images
+
+    test = records[:6]
+    pool = [validate_record(r) for r in phantom_records("vqa", 10, seed=5, split="train")]
+    same_image = {**test[0], "id": "train-copy-of-q0"}  # a training question on the test question's image
+    rows = build_cells(test, ["few_shot"], INSTRUCTION, seed=3, few_shot_pool=pool + [same_image],
+                       few_shot_k=2)["few_shot"]
+    by_id = {r["id"]: r for r in pool + [same_image]}
+    for r, rec in zip(rows, test):
+        shots = json.loads(r["shots"])
+        assert len(shots) == 2 and len({s["id"] for s in shots}) == 2
+        assert all(s["image_id"] != rec["image_id"] for s in shots)  # never the question's own image
+        examples = examples_of(r)
+        for s, (img, q, a) in zip(shots, examples):
+            src = by_id[s["id"]]
+            assert (img, q, a) == (src["image"], src["prompt"], src["target"]) and s["image_id"] == src["image_id"]
+        assert r["image"] == rec["image"] and r["instruction"] == INSTRUCTION
+    again = build_cells(test, ["few_shot"], INSTRUCTION, seed=3, few_shot_pool=list(reversed(pool + [same_image])),
+                        few_shot_k=2)["few_shot"]
+    assert [r["shots"] for r in again] == [r["shots"] for r in rows]  # seeded; the pool's order does not matter
+    other = build_cells(test, ["few_shot"], INSTRUCTION, seed=3, few_shot_pool=pool, few_shot_k=2,
+                        few_shot_seed=4)["few_shot"]
+    assert [r["shots"] for r in other] != [r["shots"] for r in rows]
+    one = build_cells(test, ["few_shot"], INSTRUCTION, seed=3, few_shot_pool=pool, few_shot_k=1)["few_shot"]
+    assert cell_key(PRODUCER, one) != cell_key(PRODUCER, rows) != cell_key(PRODUCER, other)  # keyed by examples
+    plain = build_cells(test, ["true"], INSTRUCTION)["true"]  # rows without examples keep their pre-few-shot keys
+    assert cell_key(PRODUCER, plain) == cell_key(PRODUCER, [{k: v for k, v in r.items() if k != "shots"}
+                                                            for r in plain])
+    assert build_cells(test, ["few_shot", "true"], INSTRUCTION).keys() == {"true"}  # no pool: skipped
+    with pytest.raises(ValueError, match="fewer than k=11"):
+        build_cells(test, ["few_shot"], INSTRUCTION, few_shot_pool=pool, few_shot_k=11)
+    assert unpack_images(pack_images([b"ab", b"", b"c" * 300])) == [b"ab", b"", b"c" * 300]
+
+
+def _release_with_bad_records(root: Path) -> tuple[Path, Path, Path]:
+    """A VQA-RAD release whose test question 9 names a missing image, a Med-HALT CSV with an empty question and a
+    PathVQA folder in the released layout without its images."""
+    from data_fixtures import vqa_rad_item, vqa_rad_release
+
+    items = [vqa_rad_item(i, f"img{i % 5}.jpg", f"Question {i}?", "yes" if i % 2 else "no",
+                          "test_freeform" if i >= 6 else "freeform", f"g{i}") for i in range(10)]
+    items[9]["image_name"] = "gone.jpg"
+    vqa = vqa_rad_release(root / "vqa_rad", items, {f"img{i}.jpg": i for i in range(5)})
+    csv = root / "medhalt.csv"
+    csv.write_text("id,question,options\nm1,What is the capital of Mars?,\"{'0': 'I do not know'}\"\nm2,,\"{}\"\n")
+    pvqa = root / "pathvqa"
+    pvqa.mkdir()
+    (pvqa / "pvqa_test.json").write_text(json.dumps([{"img_id": "test_0001", "sentf": {"pvqa": ["Is this a "
+                                                                                             "cell?"]},
+                                                      "labelf": {"pvqa": [{"yes": 1.0}]}}]))
+    return vqa, csv, pvqa
+
+
+def test_evaluation_rejects_are_written_with_reasons_and_skips_listed(tmp_path, monkeypatch):
+    """Bad test records, Med-HALT rows and out-of-distribution records are written to eval/rejects/<source>.jsonl
+    with their reasons and counted in metrics.json and the report; a source left with nothing usable skips its
+    condition, listed with the reason, as is a missing single-stage run; too many test rejects stop the evaluation."""
+    from medvqa.data.pipeline import TooManyRejects
+    from medvqa.report import build_report
+
+    vqa, csv, pvqa = _release_with_bad_records(tmp_path)
+    run = _fake_run(tmp_path, **{"stage2.data.kind": "vqa_rad", "stage2.data.path": str(vqa),
+                                 "run.max_reject_fraction": 0.5})
+    monkeypatch.setattr(ev, "_predict_rows", _fake_predictions([]))
+    out = ev.evaluate_run(run, ["eval.conditions=true,medhalt,ood", f"eval.medhalt_path={csv}",
+                                f"eval.ood_path={pvqa}", "eval.n_boot=20"])
+    rd = RunDir(run)
+    test_rejects = [json.loads(x) for x in rd.eval_rejects("test").read_text().splitlines()]
+    assert [r["id"] for r in test_rejects] == ["9"] and test_rejects[0]["reject_reason"].startswith("missing image")
+    medhalt_rejects = [json.loads(x) for x in rd.eval_rejects("medhalt").read_text().splitlines()]
+    assert [(r["id"], r["reject_reason"]) for r in medhalt_rejects] == [("m2", "empty prompt")]
+    assert json.loads(rd.eval_rejects("ood").read_text())["reject_reason"].startswith("missing image")
+    sources = out["metrics"]["settings"]["sources"]
+    assert (sources["test"]["valid"], sources["test"]["rejected"]) == (3, 1)
+    assert sources["test"]["reject_reasons"] == {"missing image": 1} and sources["medhalt"]["rejected"] == 1
+    assert sources["ood"]["valid"] == 0 and "no valid records" in sources["ood"]["too_many"]
+    assert set(out["metrics"]["cells"]["two_stage"]) == {"true", "medhalt"}
+    skipped = {(s["model"], s["condition"]): s["reason"] for s in out["metrics"]["skipped_cells"]}
+    assert "no valid records" in skipped["*", "ood"] and "not trained" in skipped["single_stage", "*"]
+    md = Path(build_report(run)["markdown"]).read_text()
+    assert "| evaluation: test | vqa_rad test (official) | 3 | 1 | missing image 1 | eval/rejects/test.jsonl |" in md
+    assert "| * | ood | ood: no valid records" in md and "| single_stage | * | not trained" in md
+
+    no_medhalt = ev.evaluate_run(run, ["eval.conditions=true,medhalt", f"eval.medhalt_path={tmp_path / 'x.csv'}",
+                                       "eval.n_boot=20"])
+    assert "Med-HALT CSV not found" in no_medhalt["metrics"]["skipped_cells"][0]["reason"]
+    with pytest.raises(TooManyRejects, match="eval/rejects/test.jsonl"):
+        ev.evaluate_run(run, ["run.max_reject_fraction=0.1", "eval.conditions=true"])
+
+
 # ------------------------------------------------------------------------------------------------- integration
 
 
@@ -322,11 +449,13 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
 def test_matrix_on_local_ray(ray_local, tiny_run, tmp_path):
     base_cfg, run_dir = tiny_run
     test = [validate_record(r) for r in phantom_records("vqa", 12, seed=base_cfg.stage2.data.seed, split="test")]
-    conditions = ["true", "swapped", "expert"]
-    settings = ["eval.conditions=true,swapped,expert", "eval.seed=0", "eval.max_new_tokens=4", "eval.concurrency=2",
-                "eval.cpus_per_actor=0.25", "eval.batch_size=4", "eval.n_boot=200"]
+    pool = [validate_record(r) for r in phantom_records("vqa", 8, seed=base_cfg.stage2.data.seed, split="train")]
+    conditions = ["true", "swapped", "blank", "expert", "few_shot"]
+    settings = ["eval.conditions=true,swapped,blank,expert,few_shot", "eval.seed=0", "eval.max_new_tokens=4",
+                "eval.concurrency=2", "eval.cpus_per_actor=0.25", "eval.batch_size=4", "eval.n_boot=200"]
     cfg = load_config("tiny", [f"model.name_or_path={base_cfg.model.name_or_path}", *settings])
-    out = run_matrix(cfg, {"base": None, "single_stage": None, "two_stage": run_dir}, test, tmp_path)
+    out = run_matrix(cfg, {"base": None, "single_stage": None, "two_stage": run_dir}, test, tmp_path,
+                     few_shot_pool=pool)
     assert sorted(out["predicted"]) == sorted([m, c] for m in ("base", "two_stage") for c in conditions)
     cells = _cells(out, tmp_path)
     ids = sorted(r["id"] for r in test)
@@ -338,10 +467,11 @@ def test_matrix_on_local_ray(ray_local, tiny_run, tmp_path):
             frames[m, c] = df
             assert sorted(df["question_id"]) == ids and len(df) == 12  # one row per question
             assert set(df["model"]) == {m} and set(df["condition"]) == {c}
-            if c == "swapped":
+            if c in ("swapped", "blank"):
                 assert all(s != true_image[q] for q, s in zip(df["question_id"], df["image_id_shown"]))
             else:
                 assert all(s == true_image[q] for q, s in zip(df["question_id"], df["image_id_shown"]))
+            assert all(bool(x) == (c == "few_shot") for x in df["shots"])  # the examples shown are stored
     assert not (tmp_path / "predictions" / "single_stage").exists()
     assert list(frames["base", "true"]["raw_prediction"]) != list(frames["two_stage", "true"]["raw_prediction"])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -352,9 +482,12 @@ def test_matrix_on_local_ray(ray_local, tiny_run, tmp_path):
             assert cell["ci"]["normalized_f1"][0] <= cell["normalized_f1"] <= cell["ci"]["normalized_f1"][1]
         assert "ci" in metrics["image_reliance"][m]["normalized_f1"]
     assert "mcnemar" in metrics["paired_true"]["two_stage_vs_base"]["normalized_em"]
+    assert set(metrics["vs_true"]["two_stage"]) == {"swapped", "blank", "expert", "few_shot"}
+    assert metrics["skipped_cells"] == [{"model": "single_stage", "condition": "*",
+                                         "reason": "no run directory given"}]
     models = {"base": None, "two_stage": run_dir}
-    again = run_matrix(cfg, models, test, tmp_path)
-    assert again["predicted"] == [] and len(again["skipped"]) == 6 and again["rows_predicted"] == {}
+    again = run_matrix(cfg, models, test, tmp_path, few_shot_pool=pool)
+    assert again["predicted"] == [] and len(again["skipped"]) == 10 and again["rows_predicted"] == {}
 
     # Resume after a kill: two_stage/true lost, two_stage/swapped left as parts holding 5 of its 12 questions (plus
     # a torn write). Only the 12 + 7 missing rows are predicted, with the answers of the uninterrupted run, and the
@@ -367,11 +500,11 @@ def test_matrix_on_local_ray(ray_local, tiny_run, tmp_path):
     cells["two_stage", "swapped"].unlink()
     no_cache = load_config("tiny", [f"model.name_or_path={base_cfg.model.name_or_path}", *settings,
                                     "eval.feature_cache_mb=0"])
-    resumed = run_matrix(no_cache, models, test, tmp_path)
+    resumed = run_matrix(no_cache, models, test, tmp_path, few_shot_pool=pool)
     assert resumed["rows_predicted"] == {"two_stage/true": 12, "two_stage/swapped": 7}
     assert resumed["rows_reused"] == {"two_stage/swapped": 5}
     assert sorted(resumed["predicted"]) == [["two_stage", "swapped"], ["two_stage", "true"]]
-    assert len(resumed["skipped"]) == 4 and not parts.exists()
+    assert len(resumed["skipped"]) == 8 and not parts.exists()
     for c in ("true", "swapped"):
         pd.testing.assert_frame_equal(pd.read_parquet(cells["two_stage", c]), frames["two_stage", c])
 
@@ -400,3 +533,53 @@ def test_eval_job_on_a_run_dir(ray_local, tiny_run):
     ood, true = (pd.read_parquet(rd.eval / cells[c]) for c in ("ood", "true"))
     assert not set(ood["image_id_shown"]) & set(true["image_id_shown"])  # another phantom seed: other images
     assert rd.read_config().eval.test_limit == 6 and rd.read_config().eval.max_new_tokens == 3
+
+
+@pytest.mark.slow
+def test_one_command_yields_every_cell_of_the_matrix(ray_local, tmp_path):
+    """`medvqa train --preset tiny run.evaluate=true` (= jobs/two_stage.py): the two-stage run, its single-stage
+    baseline trained beside it with the same stage-2 data, budget and seed, then base, single_stage and two_stage x
+    every condition (Med-HALT from ../shared when present, else listed as skipped with the reason). The same command
+    again retrains and repredicts nothing."""
+    from typer.testing import CliRunner
+
+    from medvqa.cli import app
+    from medvqa.conditions import CONDITIONS
+    from medvqa.report import build_report
+
+    medhalt = MEDHALT_CSV.exists()
+    cmd = ["train", f"run.output_dir={tmp_path}", "resources.num_cpus=2", "stage1.data.num_records=16",
+           "stage1.epochs=1", "stage2.data.num_records=24", "stage2.epochs=1", "run.evaluate=true",
+           "eval.test_limit=6", "eval.medhalt_limit=4", "eval.max_new_tokens=3", "eval.cpus_per_actor=0.25",
+           "eval.n_boot=50", f"eval.medhalt_path={MEDHALT_CSV if medhalt else ''}"]
+    res = CliRunner().invoke(app, cmd)
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    run = RunDir(Path(next(x for x in lines if x.startswith("run dir: "))[len("run dir: "):]))
+    single = RunDir(Path(next(x for x in lines if x.startswith("single-stage baseline run dir: ")).split(": ")[1]))
+    assert single.path.parent == run.path.parent and single.name.startswith("tiny-single-stage-")
+    stages = {rd.name: [s["stage"] for s in json.loads(rd.stages_summary.read_text())] for rd in (run, single)}
+    assert stages == {run.name: ["stage1", "stage2"], single.name: ["stage2"]}
+    one, two = (json.loads(rd.manifest.read_text())["stage2"] for rd in (single, run))
+    assert {k: one[k] for k in ("valid", "unique_images", "seed")} == {k: two[k] for k in ("valid", "unique_images",
+                                                                                           "seed")}
+    assert single.read_config().stage2 == run.read_config().stage2
+
+    metrics = json.loads(run.eval_metrics.read_text())
+    conditions = set(CONDITIONS) - (set() if medhalt else {"medhalt"})
+    assert {m: set(cs) for m, cs in metrics["cells"].items()} == {m: conditions for m in ("base", "single_stage",
+                                                                                           "two_stage")}
+    assert metrics["settings"]["models"]["single_stage"] == str(single.path)
+    assert metrics["skipped_cells"] == ([] if medhalt else [
+        {"model": "*", "condition": "medhalt", "reason": "no Med-HALT CSV: eval.medhalt_path is empty"}])
+    assert "ultrasound" in metrics["settings"]["sources"]["ood"]["what"]
+    assert set(metrics["vs_true"]["two_stage"]) == {"swapped", "blank", "expert", "few_shot"}
+    md = Path(build_report(run.path)["markdown"]).read_text()
+    assert ("Every cell of the matrix was evaluated." in md) == medhalt and "| few_shot | solved examples" in md
+
+    again = CliRunner().invoke(app, cmd)
+    assert again.exit_code == 0, again.output
+    (printed,) = [json.loads(x) for x in again.output.splitlines() if x.startswith('{"metrics"')]
+    assert printed["predicted"] == []
+    assert {rd.name: len(json.loads(rd.stages_summary.read_text())) for rd in (run, single)} == {
+        run.name: 2, single.name: 1}  # nothing trained again

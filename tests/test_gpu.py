@@ -142,9 +142,10 @@ def test_fractional_gpus_pack_trials_and_do_not_change_the_run():
     space = load_space("paper", {"max_concurrent": None})
     packed = load_space("paper", {"max_concurrent": None,
                                   "overrides": space.overrides + ["resources.gpus_per_worker=0.25"]})
-    assert max_concurrent_trials(space, {"GPU": 1.0}) == 1
-    assert max_concurrent_trials(packed, {"GPU": 1.0}) == 4
-    assert max_concurrent_trials(packed, {"GPU": 2.0}) == 8
+    # tune/paper.yaml: a trial trains 2 replicate runs at once, one worker each
+    assert max_concurrent_trials(space, {"GPU": 2.0}) == 1
+    assert max_concurrent_trials(packed, {"GPU": 1.0}) == 2
+    assert max_concurrent_trials(packed, {"GPU": 2.0}) == 4
     for bad in ("0", "1.5", "-1"):
         with pytest.raises(ConfigError, match="gpus_per_worker"):
             load_config("paper", [f"resources.gpus_per_worker={bad}"])

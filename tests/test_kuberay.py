@@ -305,7 +305,7 @@ def test_rayjob_paper_runs_the_two_stage_job_on_object_storage():
 
 
 def test_rayjob_sweep_runs_the_paper_sweep_as_many_at_once_as_the_gpu_group_allows():
-    from medvqa.sweep import load_space
+    from medvqa.sweep import load_space, replicate_points
 
     doc = manifests()["rayjob-sweep.yaml"]
     script, params = _parse_entrypoint(doc["spec"]["entrypoint"])
@@ -317,7 +317,8 @@ def test_rayjob_sweep_runs_the_paper_sweep_as_many_at_once_as_the_gpu_group_allo
     gpu = _gpu_group(doc)
     gpus_per_pod = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
     # The sweep cannot see how far KubeRay may scale (Ray 2.60 publishes no maximum there): the manifest says it.
-    assert space.max_concurrent == gpu["maxReplicas"] * gpus_per_pod // base.resources.num_workers
+    runs = len(replicate_points(space))  # a trial trains every replicate seed at once
+    assert space.max_concurrent == gpu["maxReplicas"] * gpus_per_pod // (base.resources.num_workers * runs)
 
 
 def test_rayjobs_set_the_same_env_as_ray_job_submit_and_ship_no_code():

@@ -53,7 +53,7 @@ def _cell_frame(model: str, condition: str) -> pd.DataFrame:
         rows.append({"model": model, "condition": condition, "question_id": qid, "image_id_shown": shown,
                      "true_image_id": img, "prompt": q, "true_answer": a, "answer_type": at, "question_type": qt,
                      "source": "phantom", "instruction": "Answer briefly.",
-                     "swap_match": "" if condition == "true" else "any", "raw_prediction": p,
+                     "swap_match": "" if condition == "true" else "any", "shots": "", "raw_prediction": p,
                      "predicted_answer": p})
     return pd.DataFrame(rows)
 
@@ -168,7 +168,8 @@ def test_report_files_tables_and_provenance(run_dir):
     assert "Image reliance" in md and "| two_stage | normalized_em |" in md
     assert "Med-HALT" in md and "The medhalt condition was not run." in md
     assert "two_stage_vs_base" in md
-    assert "## Leakage" in md and "phantom data" in md and "disjoint" in md
+    assert "## Leakage" in md and "phantoms (seed 1)" in md and "image-disjoint as generated" in md
+    assert "Shared images between the training and the test side: 0." in md
     assert COMMIT in md and COMMIT in page
     assert "tiny-run-abc123" in md and "Report generated:" in md
     assert "stage2:" in md and "../config.yaml" in md  # config embedded and linked
@@ -391,7 +392,8 @@ def test_leakage_section_vqa_rad_audit(tmp_path):
     run = make_run(tmp_path / "runs", kind="vqa_rad", data_path=str(data))
     md = Path(build_report(run)["markdown"]).read_text()
     section = md.split("## Leakage", 1)[1].split("\n## ", 1)[0]
-    assert "VQA-RAD (vqa_rad, official split)" in section
+    assert "Protocol: official split of vqa_rad" in section and "Shared images between the training and the test " \
+                                                                "side: 1." in section
     assert "1 of 2 test questions (50.0%) have their image in train" in section
     assert "Split audit: train (2 questions) vs test (2 questions)" in section
 

@@ -16,11 +16,12 @@ from medvqa.sweep import (
     TRIAL_LINK,
     load_space,
     max_concurrent_trials,
+    replicate_points,
     space_hash,
     trial_config,
     tune_param_space,
 )
-from medvqa.sweep_report import cell_summary, importance, load_trials, write_report
+from medvqa.sweep_report import cell_summary, importance, load_trials, validation_rounds, write_report
 
 SPACES = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
 
@@ -33,13 +34,14 @@ def test_the_search_spaces_exist():
 def test_every_search_space_loads_into_valid_trial_configs(name):
     space = load_space(name)
     domains = tune_param_space(space)
-    assert set(domains) == set(space.params) | set(space.replicates)
+    assert set(domains) == set(space.params)  # replicates are not searched: every trial runs them all
     assert space.metric.startswith("val_")
     for _ in range(3):  # sampled points are valid configs that carve a validation split
         params = {k: d.sample() for k, d in domains.items()}
-        cfg = trial_config(space, params)
-        assert cfg.stage2.data.validation_fraction > 0
-        assert all(_get(cfg, k) == v for k, v in params.items())
+        for point in replicate_points(space):
+            cfg = trial_config(space, {**params, **point})
+            assert cfg.stage2.data.validation_fraction > 0
+            assert all(_get(cfg, k) == v for k, v in {**params, **point}.items())
 
 
 def test_paper_space_is_the_study_axis():
@@ -93,15 +95,15 @@ def test_sweep_identity_ignores_scale_but_not_the_space():
 
 
 def test_concurrency_comes_from_gpus_or_cpus():
-    space = load_space("tiny", {"max_concurrent": None})
-    assert max_concurrent_trials(space, {"CPU": 4.0}) == 4  # a trial takes 0.5 + 2 x 0.25 CPUs
-    assert max_concurrent_trials(load_space("tiny"), {"CPU": 64.0}) == 2  # the space's cap wins
-    paper = load_space("paper")  # 1 GPU per trial
-    assert max_concurrent_trials(paper, {"CPU": 64.0, "GPU": 8.0}) == 8
+    space = load_space("tiny", {"max_concurrent": None, "num_samples": 8})
+    assert max_concurrent_trials(space, {"CPU": 4.0}) == 2  # a trial's 2 seeds take 2 x (0.5 + 2 x 0.25) CPUs
+    assert max_concurrent_trials(load_space("tiny"), {"CPU": 64.0}) == 1  # the space's cap wins
+    paper = load_space("paper")  # 1 GPU per run, 2 seeds per trial
+    assert max_concurrent_trials(paper, {"CPU": 64.0, "GPU": 8.0}) == 4
     two_gpu = load_space("paper", {"overrides": paper.overrides + ["resources.num_workers=2"]})
-    assert max_concurrent_trials(two_gpu, {"CPU": 64.0, "GPU": 8.0}) == 4
-    with pytest.raises(RuntimeError, match="GPU"):
-        max_concurrent_trials(two_gpu, {"CPU": 64.0, "GPU": 1.0})
+    assert max_concurrent_trials(two_gpu, {"CPU": 64.0, "GPU": 8.0}) == 2
+    with pytest.raises(RuntimeError, match="a trial needs 4"):
+        max_concurrent_trials(two_gpu, {"CPU": 64.0, "GPU": 3.0})
 
 
 def test_validation_carve_is_image_disjoint_seeded_and_near_the_fraction():
@@ -140,38 +142,41 @@ def test_prepare_records_carves_an_image_disjoint_validation_split(ray_local, tm
 
 
 def _fake_sweep(tmp_path: Path) -> Path:
-    """A sweep directory as Tune and the trials leave it: score = limit/1000 + r/100 (+ seed noise 0.001), so the
-    best cell, the curve and the importances are known. Trial 'e' errored; trial 's' was stopped by ASHA after one
-    round and has no run link (found through Tune's results); trial 'k' was killed after its last round before Tune
-    recorded any result (its run's metrics.jsonl has them)."""
+    """A sweep directory as Tune and the trials leave it: one trial per configuration, each with a run per replicate
+    seed; score = limit/1000 + r/100 (+ seed noise 0.001), so the best cell, the curve and the importances are known.
+    Trial 'e' errored; trial 's' was stopped by ASHA after one round; trial 'k' was killed after its last round
+    before Tune recorded any result (its runs' metrics.jsonl have them)."""
     space = load_space("tiny")
     sdir = tmp_path / "sweep"
     (sdir / "tune").mkdir(parents=True)
     (sdir / "space.yaml").write_text(yaml.safe_dump(space.to_dict()))
-    trials = [(f"t{i}", {"stage1.data.limit": limit, "lora.r": r, "run.seed": seed})
-              for i, (limit, r, seed) in enumerate((l, r, s) for l in (48, 96, 192) for r in (2, 8) for s in (0, 1))]
+    trials = [(f"t{i}", {"stage1.data.limit": limit, "lora.r": r})
+              for i, (limit, r) in enumerate((l, r) for l in (48, 96, 192) for r in (2, 8))]
     trials[0] = ("k", trials[0][1])
-    for tid, params in trials + [("s", {"stage1.data.limit": 48, "lora.r": 4, "run.seed": 0}),
-                                 ("e", {"stage1.data.limit": 96, "lora.r": 4, "run.seed": 1})]:
+    for tid, params in trials + [("s", {"stage1.data.limit": 48, "lora.r": 4}),
+                                 ("e", {"stage1.data.limit": 96, "lora.r": 4})]:
         tdir = sdir / "tune" / f"trial_fn_{tid}"
         tdir.mkdir()
         (tdir / "params.json").write_text(json.dumps(params))
-        run_dir = sdir / "runs" / f"trial-{tid}"
-        run_dir.mkdir(parents=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(trial_config(space, params, f"trial-{tid}")))
-        if tid != "s":
-            (tdir / TRIAL_LINK).write_text(json.dumps({"trial_id": tid, "run_dir": str(run_dir)}))
-        score = params["stage1.data.limit"] / 1000 + params["lora.r"] / 100 + params["run.seed"] / 1000
-        rounds = 1 if tid in ("s", "e") else 3
-        validation = [{"stage": "stage2", "event": "validation", "val_round": k, "val_final": k == 3, "val_n": 24,
-                       "val_normalized_f1": score * k / 3, "val_normalized_f1_ci": [score * k / 3 - 0.05,
-                                                                                    score * k / 3 + 0.05]}
-                      for k in range(1, rounds + 1)]
-        if tid == "t3":  # a resumed stage repeated round 2: the later row counts
-            validation.insert(2, {**validation[1], "val_normalized_f1": 0.0})
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(v) + "\n" for v in validation))
-        results = [{**v, "run_dir": str(run_dir), "trial_id": tid, "time_total_s": 10.0 * v["val_round"]}
-                   for v in validation]
+        runs, results = {}, []
+        for seed in (0, 1):
+            run_dir = sdir / "runs" / f"trial-{tid}-seed{seed}"
+            run_dir.mkdir(parents=True)
+            (run_dir / "config.yaml").write_text(dump_yaml(trial_config(space, {**params, "run.seed": seed},
+                                                                        f"trial-{tid}-seed{seed}")))
+            runs[f"run.seed={seed}"] = str(run_dir)
+            score = params["stage1.data.limit"] / 1000 + params["lora.r"] / 100 + seed / 1000
+            rounds = 1 if tid in ("s", "e") else 3
+            validation = [{"stage": "stage2", "event": "validation", "val_round": k, "val_final": k == 3,
+                           "val_n": 24, "val_normalized_f1": score * k / 3,
+                           "val_normalized_f1_ci": [score * k / 3 - 0.05, score * k / 3 + 0.05]}
+                          for k in range(1, rounds + 1)]
+            if tid == "t3" and seed == 0:  # a resumed stage repeated round 2: the later row counts
+                validation.insert(2, {**validation[1], "val_normalized_f1": 0.0})
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(v) + "\n" for v in validation))
+            results = [{"val_round": k, "trial_id": tid, "time_total_s": 10.0 * k} for k in range(1, rounds + 1)]
+        (tdir / TRIAL_LINK).write_text(json.dumps({"trial_id": tid, "runs": runs, "replicates": {
+            label: {"run.seed": int(label[-1])} for label in runs}}))
         if tid == "k":
             results = []
         if tid == "e":
@@ -181,25 +186,31 @@ def _fake_sweep(tmp_path: Path) -> Path:
 
 
 def test_report_statuses_cells_and_importance(tmp_path):
-    space, trials = load_trials(_fake_sweep(tmp_path))
+    space, trials, runs = load_trials(_fake_sweep(tmp_path))
     status = dict(zip(trials["trial_id"], trials["status"]))
     assert status["s"] == "stopped" and status["e"] == "error" and status["k"] == "completed"
     assert trials.set_index("trial_id").loc["e", "error"] == "boom"
-    assert list(trials["status"])[:12] == ["completed"] * 12  # completed first, best first
+    assert list(trials["status"])[:6] == ["completed"] * 6  # completed first, best first
+    assert len(runs) == 16 and (trials["replicates"] == 2).all()  # every trial ran both seeds
     by_id = trials.set_index("trial_id")
-    assert pd.isna(by_id.loc["k", "seconds"]) and by_id.loc["t11", "seconds"] == 30.0  # Tune's trial time
-    assert by_id.loc["t3", "val_round"] == 3 and by_id.loc["t3", "val_normalized_f1"] == pytest.approx(0.129)
-    assert trials.iloc[0]["trial_id"] == "t11"  # limit 192, r 8, seed 1: 0.192 + 0.08 + 0.001
-
-    cells = cell_summary(space, trials)
-    assert len(cells) == 6 and (cells["n"] == 2).all()  # 3 limits x 2 ranks, seeds pooled
-    top = cells.iloc[0]
-    assert (top["stage1.data.limit"], top["lora.r"]) == (192, 8)
-    assert top["mean"] == pytest.approx(0.2725)
+    assert pd.isna(by_id.loc["k", "seconds"]) and by_id.loc["t5", "seconds"] == 30.0  # Tune's trial time
+    assert by_id.loc["t3", "val_round"] == 3
+    assert by_id.loc["t3", "val_normalized_f1"] == pytest.approx(0.1765)  # mean of seeds 0.176, 0.177
+    assert by_id.loc["t3", "val_normalized_f1_by_replicate"] == "run.seed=0: 0.1760; run.seed=1: 0.1770"
+    assert trials.iloc[0]["trial_id"] == "t5"  # limit 192, r 8: 0.2725
     half = 12.706 * pd.Series([0.272, 0.273]).std() / math.sqrt(2)  # t-interval over the 2 seeds
+    assert (by_id.loc["t5", "ci_low"], by_id.loc["t5", "ci_high"]) == pytest.approx((0.2725 - half, 0.2725 + half))
+    assert by_id.loc["s", "val_round"] == 1 and by_id.loc["s", "val_normalized_f1"] == pytest.approx(
+        (0.088 + 0.089) / 2 / 3)  # a stopped trial: its replicates' mean at the round they all reached
+
+    cells = cell_summary(space, trials, runs)
+    assert len(cells) == 6 and (cells["n"] == 2).all()  # 3 limits x 2 ranks, the 2 seeds of each pooled
+    top = cells.iloc[0]
+    assert (top["stage1.data.limit"], top["lora.r"], top["trial_ids"]) == (192, 8, "t5")
+    assert top["mean"] == pytest.approx(0.2725)
     assert (top["low"], top["high"]) == pytest.approx((0.2725 - half, 0.2725 + half))
 
-    imp = importance(space, trials).set_index("key")["eta_squared"]
+    imp = importance(space, trials, runs).set_index("key")["eta_squared"]
     # Balanced design: between-level variances 0.003584 (limit), 0.0009 (rank), 0.00000025 (seed) of the total.
     total = 0.003584 + 0.0009 + 0.00000025
     assert imp["stage1.data.limit"] == pytest.approx(0.003584 / total, rel=1e-3)
@@ -211,19 +222,22 @@ def test_report_statuses_cells_and_importance(tmp_path):
 def test_report_files_and_best_preset(tmp_path):
     sdir = _fake_sweep(tmp_path)
     out = write_report(sdir)
-    assert out["trials"] == 14 and out["status"] == {"completed": 12, "stopped": 1, "error": 1, "pending": 0}
+    assert out["trials"] == 8 and out["status"] == {"completed": 6, "stopped": 1, "error": 1, "pending": 0}
     csv = pd.read_csv(out["trials_csv"])
-    assert len(csv) == 14 and csv["run_dir"].notna().all()  # every row traces to its run
+    assert len(csv) == 8 and csv["run_dirs"].notna().all()  # every row traces to its runs
+    assert len(pd.read_csv(out["runs_csv"])) == 16
     assert Path(out["curve"]).stat().st_size > 1000
     md = Path(out["markdown"]).read_text()
-    assert "t11" in md and "curve.png" in md and "eta" in md and "## Errors" in md and "boom" in md
+    assert "t5" in md and "curve.png" in md and "eta" in md and "## Errors" in md and "boom" in md
+    assert "run.seed=0: 0.2720; run.seed=1: 0.2730" in md and "Replicates: run.seed [0, 1]" in md
     assert Path(out["html"]).read_text().startswith("<!DOCTYPE html>")
 
     best = load_config(out["best_yaml"])  # a preset jobs/two_stage.py accepts unchanged
     assert (best.stage1.data.limit, best.lora.r) == (192, 8)
     assert best.stage2.data.validation_fraction == 0  # the final model trains on the whole split
     assert best.run.seed == load_config("tiny").run.seed and best.run.name == "tiny-best"
-    assert sorted(out["best"]["trial_ids"].split()) == ["t10", "t11"] and out["best"]["mean"] == pytest.approx(0.2725)
+    assert out["best"]["trial_ids"] == "t5" and out["best"]["n_runs"] == 2
+    assert out["best"]["mean"] == pytest.approx(0.2725)
 
 
 def test_report_of_a_directory_that_is_not_a_sweep(tmp_path):
@@ -244,4 +258,55 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path):
     res = runner.invoke(app, ["sweep", "report", str(tmp_path)])
     assert res.exit_code == 2 and "not a sweep directory" in res.output
     res = runner.invoke(app, ["sweep", "report", str(_fake_sweep(tmp_path))])
-    assert res.exit_code == 0 and json.loads(res.output)["trials"] == 14
+    assert res.exit_code == 0 and json.loads(res.output)["trials"] == 8
+
+
+def test_a_trial_reports_the_replicates_mean_only_for_rounds_every_replicate_reached(tmp_path, monkeypatch):
+    """run_replicates (a trial's body) trains all replicates at once and reports to Tune, in round order, the mean
+    over replicates of each validation round once every replicate has written it: seed 0 finishes all three rounds
+    while seed 1 is held after round 1, and round 2 is reported only after seed 1 writes it. A failing replicate
+    fails the trial."""
+    import threading
+
+    import medvqa.train
+    from medvqa.runs import append_metrics, run_dir_for
+    from medvqa.sweep import run_replicates
+
+    space = load_space("tiny")
+    cfgs = {f"run.seed={s}": trial_config(space, {"stage1.data.limit": 48, "lora.r": 2, "run.seed": s}, "t",
+                                          str(tmp_path)) for s in (0, 1)}
+    seed0_done, release = threading.Event(), threading.Event()
+
+    def fake_run(cfg):  # seed 0: three rounds at once; seed 1: round 1 after that, rounds 2-3 after a report
+        rd = run_dir_for(cfg)
+        rd.path.mkdir(parents=True, exist_ok=True)
+        for k in (1, 2, 3):
+            if cfg.run.seed == 1:
+                assert (seed0_done if k == 1 else release).wait(60)
+            append_metrics(rd, {"stage": "stage2", "event": "validation", "val_round": k, "val_final": k == 3,
+                                "val_n": 8, "val_normalized_f1": k / 10 + cfg.run.seed / 100})
+        if cfg.run.seed == 0:
+            seed0_done.set()
+        return rd.path
+
+    reports, seen_by_seed0 = [], []
+
+    def report(result):
+        reports.append(result)
+        seen_by_seed0.append(len(validation_rounds(run_dir_for(cfgs["run.seed=0"]))))
+        release.set()
+
+    monkeypatch.setattr(medvqa.train, "run_two_stage", fake_run)
+    run_replicates(cfgs, "val_normalized_f1", report, poll_s=0.01)
+    assert [r["val_round"] for r in reports] == [1, 2, 3]
+    assert [r["val_normalized_f1"] for r in reports] == pytest.approx([0.105, 0.205, 0.305])
+    assert reports[0]["val_normalized_f1_by_replicate"] == {"run.seed=0": 0.1, "run.seed=1": 0.11}
+    assert [r["val_final"] for r in reports] == [False, False, True] and reports[0]["n_replicates"] == 2
+    assert seen_by_seed0[0] == 3  # round 1 waited for seed 1 although seed 0 was already done
+
+    def broken(cfg):
+        raise RuntimeError(f"seed {cfg.run.seed} failed")
+
+    monkeypatch.setattr(medvqa.train, "run_two_stage", broken)
+    with pytest.raises(RuntimeError, match="failed"):
+        run_replicates(cfgs, "val_normalized_f1", report, poll_s=0.01)

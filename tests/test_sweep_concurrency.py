@@ -20,9 +20,9 @@ def test_the_paper_sweep_on_the_gpu_template_runs_as_many_trials_as_gpus_it_can_
     # The failure of the issue: the template's head has no GPU and its GPU nodes start at zero.
     maximum = launcher_max_resources(yaml.safe_load(GPU_TEMPLATE.read_text()))
     assert maximum == {"CPU": 8 + 4 * 8, "GPU": 4}  # head 8 CPUs; up to 4 g5.2xlarge workers of 8 CPUs, 1 GPU
-    assert max_concurrent_trials(load_space("paper"), HEAD_ONLY, maximum) == 4
+    assert max_concurrent_trials(load_space("paper"), HEAD_ONLY, maximum) == 2  # 4 GPUs / (1 GPU x 2 seeds)
     two_gpu = load_space("paper", overrides=["resources.num_workers=2"])
-    assert max_concurrent_trials(two_gpu, HEAD_ONLY, maximum) == 2
+    assert max_concurrent_trials(two_gpu, HEAD_ONLY, maximum) == 1
 
 
 def test_without_gpus_now_or_a_known_maximum_the_sweep_says_what_to_set():
@@ -40,7 +40,7 @@ def test_an_explicit_value_wins_and_a_derived_one_is_capped_by_the_trials():
     unbounded = {"GPU": sys.maxsize}  # Ray's value for a node group without a maximum
     assert max_concurrent_trials(load_space("paper", {"num_samples": 5}), HEAD_ONLY, unbounded) == 5
     # present resources still count where no maximum is known (a fixed cluster, or GPU nodes already up)
-    assert max_concurrent_trials(load_space("paper"), {"CPU": 16.0, "GPU": 2.0}) == 2
+    assert max_concurrent_trials(load_space("paper"), {"CPU": 16.0, "GPU": 4.0}) == 2
 
 
 def test_launcher_maximum_fills_the_cluster_budget_with_the_richest_node_types_first():
@@ -73,4 +73,4 @@ def test_cluster_maximum_published_in_the_gcs_is_read(ray_local, tmp_path):
     GcsClient(address=ray.get_runtime_context().gcs_address).report_cluster_config(config.SerializeToString())
     maximum = cluster_max_resources(absent)
     assert maximum == {"CPU": 32, "GPU": 4}
-    assert max_concurrent_trials(load_space("paper"), ray.cluster_resources(), maximum) == 4
+    assert max_concurrent_trials(load_space("paper"), ray.cluster_resources(), maximum) == 2

@@ -1,6 +1,7 @@
-"""The smoke sweep end to end on local Ray (tiny model, phantoms, 4 trials, 2 at a time): killed by an injected fault
-right after a trial's first validation round, restored by the same command (that trial resumes from the round's
-checkpoint, no trial is added or trained again), reported, and its best preset trains unchanged."""
+"""The smoke sweep end to end on local Ray (tiny model, phantoms, 2 trials one at a time, each training its 2
+replicate seeds at once): killed by an injected fault right after a run's first validation round, restored by the
+same command (the killed runs resume from that round's checkpoint, no trial is added or trained again), reported, and
+its best preset trains unchanged."""
 
 import os
 import subprocess
@@ -19,7 +20,8 @@ from medvqa.sweep import load_space, sweep_dir_for
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
-N_TRIALS = 4
+N_TRIALS = 2
+N_RUNS = 2 * N_TRIALS  # tune/tiny.yaml: replicates run.seed [0, 1]
 
 
 def _steps(run_dir: Path) -> dict[str, list[int]]:
@@ -29,6 +31,17 @@ def _steps(run_dir: Path) -> dict[str, list[int]]:
         if "loss" in r:
             out.setdefault(r["stage"], []).append(r["step"])
     return out
+
+
+def _fired(runs: Path) -> list[Path]:
+    """The run directories in which the injected fault fired."""
+    return sorted(r for r in runs.iterdir() if any(m.get("event") == "fault" for m in read_metrics(r, superseded=True)))
+
+
+def _round1_step(run: Path) -> int:
+    (round1,) = [m for m in read_metrics(run) if m.get("event") == "validation"]
+    assert round1["val_round"] == 1
+    return round1["step"]
 
 
 def test_sweep_is_interrupted_restored_and_reported(tmp_path):
@@ -46,10 +59,10 @@ def test_sweep_is_interrupted_restored_and_reported(tmp_path):
         first = subprocess.run(cmd, env={**env, "MEDVQA_FAULT": "stage2:val_round=1:driver"}, cwd=ROOT,
                                start_new_session=True, stdout=log, stderr=subprocess.STDOUT, timeout=900)
     assert first.returncode == -9, "the fault did not fire: " + (tmp_path / "first.log").read_text()[-3000:]
-    (killed,) = [r for r in (sweep_dir / "runs").iterdir()
-                 if any(m.get("event") == "fault" for m in read_metrics(r, superseded=True))]
-    (round1,) = [m for m in read_metrics(killed) if m.get("event") == "validation"]
-    assert round1["val_round"] == 1 and not (killed / "stages.json").exists()
+    # The replicates of a trial train at once: one of them fired, or both if they reached the round together.
+    killed = _fired(sweep_dir / "runs")
+    assert killed and all(not (run / "stages.json").exists() for run in killed)
+    round1 = {run: _round1_step(run) for run in killed}
 
     # 2. The same command (no fault) restores it and runs only what is missing.
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -57,10 +70,10 @@ def test_sweep_is_interrupted_restored_and_reported(tmp_path):
     assert "restoring" in out.stdout
     params = list((sweep_dir / "tune").glob("*/params.json"))
     assert len(params) == N_TRIALS  # no trial was added or repeated
-    assert len(list((sweep_dir / "runs").iterdir())) == N_TRIALS  # interrupted trials resumed in their run dirs
-    # The killed trial resumed from its round-1 checkpoint, not from the start of the stage.
-    starts = [(m["stage"], m["step"]) for m in read_metrics(killed, superseded=True) if m.get("event") == "train_start"]
-    assert starts[-1] == ("stage2", round1["step"]), starts
+    assert len(list((sweep_dir / "runs").iterdir())) == N_RUNS  # interrupted runs resumed in their run dirs
+    for run in killed:  # the killed runs resumed from their round-1 checkpoint, not from the start of the stage
+        starts = [(m["stage"], m["step"]) for m in read_metrics(run, superseded=True) if m.get("event") == "train_start"]
+        assert starts[-1] == ("stage2", round1[run]), (run.name, starts)
     for run in (sweep_dir / "runs").iterdir():  # every run's steps once, in order, across the kill
         for stage, steps in _steps(run).items():
             assert steps == sorted(set(steps)), (run.name, stage, steps)
@@ -79,8 +92,10 @@ def test_sweep_is_interrupted_restored_and_reported(tmp_path):
     assert len(trials) == N_TRIALS and set(trials["status"]) <= {"completed", "stopped"}, errors
     assert (trials["status"] == "completed").any()
     for _, row in trials.iterrows():
-        rounds = read_metrics(row["run_dir"])
-        assert any(r.get("event") == "validation" and r.get("val_round") == row["val_round"] for r in rounds)
+        assert row["replicates"] == 2 and len(row["run_dirs"].split()) == 2
+        for run_dir in row["run_dirs"].split():  # the trial's round is one every replicate reached
+            rounds = read_metrics(run_dir)
+            assert any(r.get("event") == "validation" and r.get("val_round") == row["val_round"] for r in rounds)
     assert (report / "curve.png").stat().st_size > 1000 and (report / "report.html").exists()
 
     # 5. The best preset trains unchanged with the main job.
@@ -96,8 +111,8 @@ def test_sweep_is_interrupted_restored_and_reported(tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_trial_ends_with_the_adapters_of_an_uninterrupted_run(tmp_path):
-    """The tiny space without early stopping, 2 trials one at a time: the sweep is killed right after the first
-    trial's first validation round and restored; that trial's adapters equal those of its configuration trained
+    """The tiny space without early stopping, 2 trials one at a time: the sweep is killed right after a run of the
+    first trial reached its first validation round and restored; that trial's adapters equal those of its configuration trained
     uninterrupted by the main job. ~10 min on 2 cores."""
     from medvqa.trainstep import adapter_max_abs_diff
 
@@ -110,8 +125,8 @@ def test_a_killed_trial_ends_with_the_adapters_of_an_uninterrupted_run(tmp_path)
         first = subprocess.run(cmd, env={**env, "MEDVQA_FAULT": "stage2:val_round=1:driver"}, cwd=ROOT,
                                start_new_session=True, stdout=log, stderr=subprocess.STDOUT, timeout=900)
     assert first.returncode == -9, (tmp_path / "first.log").read_text()[-3000:]
-    (killed,) = [r for r in (tmp_path / "sweeps").glob("*/runs/*")
-                 if any(m.get("event") == "fault" for m in read_metrics(r, superseded=True))]
+    (runs,) = (tmp_path / "sweeps").glob("*/runs")
+    killed = _fired(runs)[0]  # one replicate fired (or both, reaching the round together): either is a killed run
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
 

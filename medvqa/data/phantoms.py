@@ -4,6 +4,8 @@ A tiny model can only beat the text-only baseline on these by looking at the ima
 measurable offline. Each record draws a ground truth (modality ct | x-ray | mri, organ head | chest | abdomen, lesion
 present/absent, side left | right, size small | large), renders it, and states it as a ROCO-style caption or a
 VQA-RAD-style question-answer. ``meta`` carries the ground truth (an evaluator picks same-modality swap images).
+Ultrasound (``OOD_MODALITIES``) is drawn only for an explicit anatomy such as 'ultrasound/abdomen': the evaluation's
+out-of-distribution set for phantom runs (``ood_anatomy``), a modality no phantom training set contains.
 
 Conventions:
 - ``side`` is the *patient's* side, drawn in radiological convention: the patient's left is on the image's right.
@@ -23,6 +25,9 @@ import numpy as np
 
 SIZE = 64
 MODALITIES = ("ct", "x-ray", "mri")
+# A family no default phantom set draws (only an explicit anatomy such as 'ultrasound/abdomen'): a real distribution
+# shift for the evaluation's out-of-distribution condition. Sector field of view, speckle, depth attenuation.
+OOD_MODALITIES = ("ultrasound",)
 ORGANS = ("head", "chest", "abdomen")
 SIDES = ("left", "right")
 LESION_SIZES = ("small", "large")
@@ -32,9 +37,10 @@ LESION_QUESTION_TYPES = ("PRES", "POS", "SIZE")
 ANSWER_VOCAB = ("yes", "no", "left", "right", "small", "large", "none", "head", "chest", "abdomen", "ct", "x-ray",
                 "mri")
 # How captions name each modality; a caption always contains this word (tests rely on it).
-MODALITY_WORD = {"ct": "CT", "x-ray": "X-ray", "mri": "MRI"}
+MODALITY_WORD = {"ct": "CT", "x-ray": "X-ray", "mri": "MRI", "ultrasound": "ultrasound"}
 _MODALITY_PHRASE = {"ct": ("Axial CT", "Contrast-enhanced axial CT"), "x-ray": ("Frontal X-ray", "Plain X-ray"),
-                    "mri": ("Axial MRI", "Axial T2-weighted MRI")}
+                    "mri": ("Axial MRI", "Axial T2-weighted MRI"),
+                    "ultrasound": ("Transverse ultrasound", "Grey-scale ultrasound")}
 _REGION = {"head": "{side} side of the brain", "chest": "{side} lung", "abdomen": "{side} side of the abdomen"}
 _LESION_Y = {"head": 30.0, "chest": 30.0, "abdomen": 31.0}
 _TASKS = {"caption": 1, "vqa": 2}
@@ -117,11 +123,50 @@ def _projection(c: _Canvas, organ: str, rng: np.random.Generator) -> None:
                 c.fill(c.ellipse(rng.uniform(-18, 18), rng.uniform(-16, 8), 3, 2), 0.08)  # bowel gas
 
 
+_APEX_Y, _SECTOR_HALF_ANGLE = -31.0, np.deg2rad(48)  # the probe at the top edge; the fan's half opening
+
+
+def _ultrasound(c: _Canvas, organ: str, lesion: bool, side: str, size: str, rng: np.random.Generator) -> np.ndarray:
+    """A B-mode ultrasound: a fan-shaped field of view from a probe at the top, multiplicative speckle, depth
+    attenuation, organ echoes (abdomen: liver and a kidney; chest: pleural line and A-lines; head: the falx and the
+    ventricles). A lesion is an echogenic disc with an acoustic shadow beneath it, at the same place and size as in
+    the other modalities (patient's left on the image's right). Returns the image in [0, 1] before noise."""
+    depth = np.hypot(c.x, c.y - _APEX_Y)
+    fan = (np.abs(np.arctan2(c.x, c.y - _APEX_Y)) < _SECTOR_HALF_ANGLE) & (depth > 4) & (depth < 62)
+    echo = np.full((SIZE, SIZE), 0.32, np.float32)
+    if organ == "abdomen":
+        echo[c.ellipse(-6, -6, 20, 12)] = 0.45                   # liver parenchyma
+        echo[c.ellipse(10, 14, 8, 5)] = 0.55                      # kidney cortex
+        echo[c.ellipse(10, 14, 5, 2.5)] = 0.85                    # renal sinus fat
+    elif organ == "chest":
+        for k in range(4):                                        # pleural line, then its A-line reverberations
+            echo[np.abs(c.y - (-20 + 11 * k)) < 0.9] = 0.9 - 0.15 * k
+    else:
+        echo[(np.abs(c.x) < 0.9) & (np.abs(c.y) < 22)] = 0.85     # falx: the midline echo
+        echo[c.ellipse(-5, -2, 2.5, 6) | c.ellipse(5, -2, 2.5, 6)] = 0.05  # fluid-filled ventricles: anechoic
+    if lesion:
+        sign = 1.0 if side == "left" else -1.0
+        cx, cy = sign * (13 + rng.uniform(-1.5, 1.5)), _LESION_Y[organ] - 32.0 + rng.uniform(-2, 2)
+        r = RADIUS[size] * rng.uniform(0.9, 1.1)
+        below = (np.abs(c.x - cx) < r * 0.8) & (c.y > cy + r)
+        echo[below] *= 0.35                                       # acoustic shadow
+        echo[c.ellipse(cx, cy, r, r)] = 1.0                       # echogenic lesion
+    speckle = rng.rayleigh(0.8, (SIZE, SIZE)).astype(np.float32)
+    speckle = (speckle + np.roll(speckle, 1, 0) + np.roll(speckle, 1, 1)) / 3  # grain of ~2 px
+    gain = np.exp(-depth / 90.0)
+    return np.where(fan, echo * speckle * gain, 0.0).astype(np.float32)
+
+
 def render_phantom(modality: str, organ: str, lesion: bool, side: str, size: str,
                    rng: np.random.Generator | int = 0) -> np.ndarray:
     """A (64, 64, 3) uint8 image of the given ground truth; ``rng`` drives jitter and noise."""
     rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
     c = _Canvas(rng.uniform(-2, 2), rng.uniform(-2, 2), rng.uniform(0.94, 1.06))
+    if modality == "ultrasound":
+        img = _ultrasound(c, organ, lesion, side, size, rng) + rng.standard_normal((SIZE, SIZE),
+                                                                                 dtype=np.float32) * 0.02
+        g = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        return np.repeat(g[:, :, None], 3, axis=2)
     if modality == "x-ray":
         _projection(c, organ, rng)
     else:
@@ -173,16 +218,24 @@ def _pick(rng: np.random.Generator, values: tuple) -> str:
     return values[int(rng.integers(len(values)))]
 
 
-_MODALITY_Q = {"ct": "Is this a CT scan?", "x-ray": "Is this an X-ray?", "mri": "Is this an MRI?"}
+_MODALITY_Q = {"ct": "Is this a CT scan?", "x-ray": "Is this an X-ray?", "mri": "Is this an MRI?",
+               "ultrasound": "Is this an ultrasound?"}
 
 
 def parse_anatomy(anatomy: str) -> tuple[str, str]:
     """'ct/chest' -> ('ct', 'chest'); a ValueError naming the choices otherwise."""
     modality, _, organ = anatomy.partition("/")
-    if modality not in MODALITIES or organ not in ORGANS:
-        raise ValueError(f"phantom anatomy {anatomy!r} must be '<modality>/<organ>' with modality in {MODALITIES} "
-                         f"and organ in {ORGANS}")
+    if modality not in MODALITIES + OOD_MODALITIES or organ not in ORGANS:
+        raise ValueError(f"phantom anatomy {anatomy!r} must be '<modality>/<organ>' with modality in "
+                         f"{MODALITIES + OOD_MODALITIES} and organ in {ORGANS}")
     return modality, organ
+
+
+def ood_anatomy(anatomy: str) -> str:
+    """The out-of-distribution phantom anatomy for training phantoms of ``anatomy`` ('' = all nine): ultrasound, a
+    modality no phantom training set draws, of the trained organ (the abdomen when every organ is trained)."""
+    organ = parse_anatomy(anatomy)[1] if anatomy else "abdomen"
+    return f"{OOD_MODALITIES[0]}/{organ}"
 
 
 def _question(rng: np.random.Generator, truth: dict, qtypes: tuple = QUESTION_TYPES) -> tuple[str, str, str, str]:

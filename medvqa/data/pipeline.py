@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,9 @@ def _phantom_batch(batch: dict, task: str, seed: int, split: str, anatomy: str) 
 
 
 def raw_datasets(data: DataConfig, parallelism: int = 8):
-    """Ray Datasets of raw (unvalidated) records, one after another. Phantoms are generated inside tasks from their
-    index (one dataset). Other sources are read by their adapter in the driver, ``_DRIVER_CHUNK`` records at a time:
+    """Ray Datasets of raw (unvalidated) records of ``data.split`` under ``data.protocol``, one after another.
+    Phantoms are generated inside tasks from their index (one dataset). Other sources are read by their adapter
+    (``protocol.iter_protocol_records``) in the driver, ``_DRIVER_CHUNK`` records at a time:
     folder layouts yield cheap pointer records (paths, decoded by the tasks), HF sources yield image bytes, so the
     driver holds at most one chunk of them, never the whole set."""
     import itertools
@@ -94,9 +96,9 @@ def raw_datasets(data: DataConfig, parallelism: int = 8):
                                        "anatomy": data.phantom_anatomy},
             batch_format="numpy", batch_size=_RAW_CHUNK)
         return
-    from medvqa.data.adapters import iter_raw_records
+    from medvqa.data.protocol import iter_protocol_records
 
-    records = iter_raw_records(data)
+    records = iter_protocol_records(data)  # the split under data.protocol (official: as released)
     empty = True
     while chunk := list(itertools.islice(records, _DRIVER_CHUNK)):
         empty = False
@@ -149,7 +151,8 @@ def prepare_records(data: DataConfig, out_dir: Path, rejects_dir: Path, resource
     """Validate ``data`` into parquet at ``out_dir``; return (and write) the manifest. Idempotent: reuses a finished
     ``out_dir`` (its manifest.json is written last). With ``data.validation_fraction`` > 0, ``part`` picks the
     training side ('train') or the carved validation side ('validation', which writes no rejects: the training pass
-    counts them); without it every valid record is kept."""
+    counts them); without it every valid record is kept. The records are those of ``data.split`` under
+    ``data.protocol`` (``medvqa.data.protocol``), so the validation carve always comes from the training side."""
     if part not in ("train", "validation"):
         raise ValueError(f"part must be 'train' or 'validation', got {part!r}")
     if part == "validation" and not data.validation_fraction:
@@ -194,7 +197,8 @@ def prepare_records(data: DataConfig, out_dir: Path, rejects_dir: Path, resource
     valid = table.num_rows if table is not None else 0
     reasons = reject_summary(rejects)  # by reason prefix ('missing image'), not per file path
     manifest = {
-        "source": data.kind, "path": data.path, "split": data.split, "limit": data.limit, "seed": data.seed,
+        "source": data.kind, "path": data.path, "split": data.split, "protocol": data.protocol,
+        "limit": data.limit, "seed": data.seed,
         "part": carve, "validation_fraction": data.validation_fraction,
         "total": valid + len(rejects), "valid": valid, "rejected": len(rejects),
         "reject_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
@@ -255,18 +259,21 @@ def decode_image(data: bytes):
     return image.convert("RGB")
 
 
-def encode_example(processor, image, instruction: str, question: str, target: str | None, max_length: int) -> dict:
+def encode_example(processor, image, instruction: str, question: str, target: str | None, max_length: int,
+                   examples: Sequence[tuple[Any, str, str]] = ()) -> dict:
     """Token ids, labels and pixels for one example.
 
     The prompt (user turn with the expanded image tokens, up to "Assistant:") and the answer are tokenised
     separately and concatenated, so the label boundary is exact (no BPE merge across it). Labels are -100 on the
     whole prompt (and therefore on every image token); only the answer and its <end_of_utterance> are trained.
-    With ``target=None`` only the prompt is encoded (for generation).
+    With ``target=None`` only the prompt is encoded (for generation). ``examples``: (image, question, answer)
+    few-shot turns before the question (``prompts.prompt_text``); their images come first in ``pixel_values``.
     """
-    prompt = prompt_text(processor, instruction, question)
+    prompt = prompt_text(processor, instruction, question, [(q, a) for _, q, a in examples])
     # Resize here, rescale/normalise in collate: uint8 pixels are a quarter of float32's bytes through Ray's object
     # store (a 980 px image is 2.9 MB instead of 11.5 MB), and the result is identical (PIL resizes in uint8).
-    enc = processor(text=[prompt], images=[[image]], return_tensors="np", do_rescale=False, do_normalize=False)
+    enc = processor(text=[prompt], images=[[*(im for im, _, _ in examples), image]], return_tensors="np",
+                    do_rescale=False, do_normalize=False)
     prompt_ids = enc["input_ids"][0].astype(np.int64)
     out = {"pixel_values": np.clip(np.round(enc["pixel_values"][0]), 0, 255).astype(np.uint8),  # [n_img, 3, H, W]
            "pixel_attention_mask": enc["pixel_attention_mask"][0].astype(bool)}
