@@ -44,6 +44,7 @@ def _round1_step(run: Path) -> int:
     return round1["step"]
 
 
+@pytest.mark.slow  # ~6-11 min on 2 cores: four tiny runs, a kill, a restore and the best preset's run
 def test_sweep_is_interrupted_restored_and_reported(tmp_path):
     env = job_env(MEDVQA_RUNS_BASE=str(tmp_path))
     cmd = [sys.executable, str(ROOT / "tune" / "sweep.py"), "--preset", "tiny", "--num-samples", str(N_TRIALS)]
