@@ -206,7 +206,8 @@ def data_audit(kind: str = typer.Option("vqa_rad", help="Source adapter (data.ki
 
     def load(split: str, kind: str = kind, path: str = path) -> tuple[list, int]:
         # the image hash (image_id) is all the audit needs
-        return valid_records(iter_raw_records(DataConfig(kind=kind, path=path, split=split)), keep_images=False)
+        valid, rejected = valid_records(iter_raw_records(DataConfig(kind=kind, path=path, split=split)), False)
+        return valid, len(rejected)
 
     try:
         (rows_a, rej_a), (rows_b, rej_b) = load(a), load(b)

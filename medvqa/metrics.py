@@ -587,20 +587,28 @@ def _by_question(df: pd.DataFrame, order: pd.Index | None = None) -> pd.DataFram
     return df if order is None else df.reindex(order)
 
 
+def _paired_per_metric(true_scored: pd.DataFrame, other_scored: pd.DataFrame, n_boot: int, seed: int,
+                       true_first: bool) -> dict:
+    """metric -> ``paired_bootstrap`` of true and another condition (``true_first``: (true, other), else (other,
+    true)) per ``RELIANCE_METRICS``, the other condition's questions paired with true's by ``question_id``."""
+    t = _by_question(true_scored)
+    o = _by_question(other_scored, t.index)
+    out = {}
+    for m in RELIANCE_METRICS:
+        if m in t.columns and m in o.columns:
+            pair = (t[m].to_numpy(float), o[m].to_numpy(float))
+            out[m] = paired_bootstrap(*(pair if true_first else pair[::-1]), n_boot=n_boot, seed=seed)
+    return out
+
+
 def image_reliance(true_scored: pd.DataFrame, swapped_scored: pd.DataFrame, n_boot: int = 1000,
                    seed: int = 0) -> dict:
     """Per-question drop true → swapped (score with the true image minus score with another image), paired by
     ``question_id``, per ``RELIANCE_METRICS``: mean drop with a paired-bootstrap CI and p-value. Positive: the model
     uses the image."""
-    t = _by_question(true_scored)
-    s = _by_question(swapped_scored, t.index)
-    out = {}
-    for m in RELIANCE_METRICS:
-        if m in t.columns and m in s.columns:
-            res = paired_bootstrap(s[m].to_numpy(float), t[m].to_numpy(float), n_boot=n_boot, seed=seed)
-            out[m] = {"drop": res["diff"], "ci": res["ci"], "p_value": res["p_value"], "n": res["n"],
-                      "true": res["mean_b"], "swapped": res["mean_a"]}
-    return out
+    return {m: {"drop": res["diff"], "ci": res["ci"], "p_value": res["p_value"], "n": res["n"],
+                "true": res["mean_b"], "swapped": res["mean_a"]}
+            for m, res in _paired_per_metric(true_scored, swapped_scored, n_boot, seed, true_first=False).items()}
 
 
 #: conditions on the true condition's questions that ``matrix_metrics`` compares with it, question by question
@@ -612,15 +620,9 @@ def condition_vs_true(true_scored: pd.DataFrame, cond_scored: pd.DataFrame, n_bo
     """Per-question difference condition − true (paired by ``question_id``) per ``RELIANCE_METRICS``: mean with a
     paired-bootstrap CI and p-value. Blank below true: the model reads the image; few-shot above true: the examples
     help."""
-    t = _by_question(true_scored)
-    c = _by_question(cond_scored, t.index)
-    out = {}
-    for m in RELIANCE_METRICS:
-        if m in t.columns and m in c.columns:
-            res = paired_bootstrap(t[m].to_numpy(float), c[m].to_numpy(float), n_boot=n_boot, seed=seed)
-            out[m] = {"diff": res["diff"], "ci": res["ci"], "p_value": res["p_value"], "n": res["n"],
-                      "true": res["mean_a"], "condition": res["mean_b"]}
-    return out
+    return {m: {"diff": res["diff"], "ci": res["ci"], "p_value": res["p_value"], "n": res["n"],
+                "true": res["mean_a"], "condition": res["mean_b"]}
+            for m, res in _paired_per_metric(true_scored, cond_scored, n_boot, seed, true_first=True).items()}
 
 
 def seed_summary(cells: Mapping[str, Mapping[str, Mapping]], metrics: Sequence[str] = METRICS) -> dict:

@@ -176,17 +176,10 @@ def _with_official_split(meta: Any, split: str) -> Any:
 
 
 def protocol_records(data: DataConfig, keep_images: bool = True) -> tuple[list[dict], list[dict]]:
-    """(valid, rejected) validated records of ``data.split`` under ``data.protocol``. ``keep_images=False`` drops
-    the image bytes of valid records (``image_id``, their hash, stays); rejected records never carry them."""
-    valid, rejected = [], []
-    for r in map(validate_record, iter_protocol_records(data)):
-        if r["reject_reason"]:
-            rejected.append({k: v for k, v in r.items() if k != "image"})
-            continue
-        if not keep_images:
-            r["image"] = b""
-        valid.append(r)
-    return valid, rejected
+    """(valid, rejected) validated records of ``data.split`` under ``data.protocol`` (``records.valid_records``)."""
+    from medvqa.data.records import valid_records
+
+    return valid_records(iter_protocol_records(data), keep_images)
 
 
 def describe(data: DataConfig) -> str:

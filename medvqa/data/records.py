@@ -345,18 +345,19 @@ def reject_summary(rows: Any) -> dict[str, int]:
     return dict(counts.most_common())
 
 
-def valid_records(raw: Iterable[dict], keep_images: bool = True) -> tuple[list[dict], int]:
-    """Validated records of ``raw`` without the rejected ones, and how many were rejected. ``keep_images=False``
-    drops the image bytes as it goes (``image_id``, their hash, stays): enough for a split audit, and light."""
-    rows, rejected = [], 0
+def valid_records(raw: Iterable[dict], keep_images: bool = True) -> tuple[list[dict], list[dict]]:
+    """(valid, rejected) validated records of ``raw``. ``keep_images=False`` drops the image bytes of valid records as
+    it goes (``image_id``, their hash, stays: enough for a split audit, and light); rejected records never carry
+    them."""
+    valid, rejected = [], []
     for r in map(validate_record, raw):
         if r["reject_reason"]:
-            rejected += 1
+            rejected.append({k: v for k, v in r.items() if k != "image"})
             continue
         if not keep_images:
             r["image"] = b""
-        rows.append(r)
-    return rows, rejected
+        valid.append(r)
+    return valid, rejected
 
 
 def parse_meta(value: Any) -> dict:
