@@ -203,21 +203,19 @@ class Predictor:
     ``adapters``: one model's adapters (name -> folder, or folders in load order; empty: the base model). ``models``
     instead: model name -> its adapters, so one actor serves a whole matrix: every model's adapters sit on one base
     and each row's ``model`` column selects them (the base model runs with adapters disabled). The model goes to this
-    actor's GPU when ``cfg.resources.use_gpu`` and one is visible. ``feature_cache_mb``: the actor's image-feature
-    cache (``FeatureCache``; 0: off).
+    actor's GPU with ``cfg.resources.use_gpu`` (no visible CUDA device is then an error). ``feature_cache_mb``: the
+    actor's image-feature cache (``FeatureCache``; 0: off).
     """
 
     def __init__(self, cfg_dict: Config | Mapping, adapters: Mapping[str, str] | Sequence[str] = (),
                  instruction: str | None = None, max_new_tokens: int = 16, feature_cache_mb: float = 512.0,
                  models: Mapping[str, Mapping[str, str]] | None = None):
-        import torch
-
-        from medvqa.model import load_inference_model, load_processor
+        from medvqa.model import load_inference_model, load_processor, require_cuda
 
         cfg = _config(cfg_dict)
-        use_gpu = bool(cfg.resources.use_gpu and torch.cuda.is_available())
-        if cfg.resources.use_gpu and not use_gpu:
-            log.warning("resources.use_gpu is set but this actor sees no GPU: predicting on CPU")
+        use_gpu = cfg.resources.use_gpu
+        if use_gpu:
+            require_cuda("this predictor actor")  # never answers on CPU labelled as GPU answers
         self.model_adapters: dict[str, list[str]] | None = None
         if models is not None:
             if adapters:
