@@ -276,9 +276,10 @@ def gather_from_workers(obj) -> list:
 
 
 def worker_resources(resources: ResourcesConfig) -> dict:
-    """Ray resources of one Train worker: its CPUs and, with ``use_gpu``, ``gpus_per_worker`` GPUs (a fraction
-    lets several trials' workers share one GPU)."""
-    return {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if resources.use_gpu else {})}
+    """Ray resources of one Train worker: its CPUs, with ``use_gpu`` ``gpus_per_worker`` GPUs (a fraction lets
+    several trials' workers share one GPU), and the custom ``worker_resources`` that pin it to chosen nodes."""
+    return {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if resources.use_gpu else {}),
+            **resources.worker_resources}
 
 
 def fit_stage(cfg: Config, stage_name: str, run_dir: RunDir, model_path: str, callbacks: list | None = None) -> dict:
