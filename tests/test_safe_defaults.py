@@ -8,6 +8,7 @@ real Ray in a subprocess with its own HOME (~15 s on 2 cores)."""
 import json
 import logging
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -134,6 +135,7 @@ def test_the_job_api_of_our_ray_refuses_unauthenticated_requests(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------- GPUs without CUDA
