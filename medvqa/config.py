@@ -161,6 +161,11 @@ class ResourcesConfig:
                                               "a worker's stream; bounds a streamed stage's memory whatever the data "
                                               "size. None: Ray's default share of the object store.")
     num_cpus: Optional[int] = doc(None, "CPUs for a locally started Ray (None: all).")
+    worker_resources: dict[str, float] = doc(factory=dict, help=(
+        "Custom Ray resources each Train worker and each predictor actor asks for besides its CPUs and GPUs, to keep "
+        "them on chosen nodes: e.g. {medvqa_worker: 1} with worker nodes started by `ray start "
+        "--resources='{\"medvqa_worker\": 4}'` keeps training and inference off the head (the node-loss tests do "
+        "this). Placement only: not part of the run id. Override: resources.worker_resources='{medvqa_worker: 1}'."))
 
 
 @dataclass
@@ -273,6 +278,12 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
             items = [value]  # a single YAML scalar, e.g. eval.conditions=true
         return [_check_value(f"{key}[{i}]", inner, v.strip() if isinstance(v, str) else v)
                 for i, v in enumerate(items)]
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_check_value(f"{key} key", key_type, k): _check_value(f"{key}.{k}", value_type, v)
+                for k, v in value.items()}
     if origin is Literal:
         choices = typing.get_args(tp)
         if isinstance(value, bool) and str(value).lower() in choices:
@@ -418,6 +429,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("resources.num_workers: must be >= 1")
     if cfg.resources.cpus_per_worker <= 0 or cfg.resources.data_cpus_per_task <= 0:
         raise ConfigError("resources.cpus_per_worker and data_cpus_per_task: must be > 0")
+    custom = cfg.resources.worker_resources
+    if any(v <= 0 for v in custom.values()) or {"CPU", "GPU", "memory"} & set(custom):
+        raise ConfigError(f"resources.worker_resources: custom resources with amounts > 0 (CPUs and GPUs have their "
+                          f"own keys), got {custom}")
     validate_eval(cfg)
     g = cfg.resources.gpus_per_worker
     if g <= 0 or (g > 1 and g != int(g)):

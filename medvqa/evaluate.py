@@ -32,14 +32,19 @@ log = logging.getLogger(__name__)
 BATCHES_PER_BLOCK = 8
 
 
-def _predict_rows(rows: list[dict], cfg: Config, models: Mapping[str, Mapping[str, str]]) -> Iterator[pd.DataFrame]:
+def _predict_rows(rows: list[dict], cfg: Config, models: Mapping[str, Mapping[str, str]],
+                  out_dir: Path) -> Iterator[pd.DataFrame]:
     """One Ray Data job over ``rows`` of every model in ``models`` (name -> adapters), in several blocks so every
-    actor gets work -> prediction DataFrames, streamed as the job produces them (not after it ends)."""
+    actor gets work -> prediction DataFrames, streamed as the job produces them (not after it ends). Injected
+    ``eval`` faults (``medvqa.faults``) are recorded in ``out_dir``."""
     import ray
 
+    from medvqa.faults import faults_from_env, parse_faults
     from medvqa.infer import predict_dataset
     from medvqa.ray_init import init_ray
 
+    faults = faults_from_env()
+    parse_faults(faults["faults"])  # a malformed spec fails here, not in an actor
     init_ray(cfg)
     e = cfg.eval
     # BATCHES_PER_BLOCK batches per block (and at least 4 blocks per actor): an output block reaches the driver, and
@@ -48,7 +53,7 @@ def _predict_rows(rows: list[dict], cfg: Config, models: Mapping[str, Mapping[st
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), n_blocks)))
     out = predict_dataset(ds, cfg, models=models, max_new_tokens=e.max_new_tokens, concurrency=e.concurrency,
                           cpus_per_actor=e.cpus_per_actor, num_gpus=e.gpus_per_actor, batch_size=e.batch_size,
-                          feature_cache_mb=e.feature_cache_mb)
+                          feature_cache_mb=e.feature_cache_mb, faults={**faults, "record_dir": str(out_dir)})
     yield from out.iter_batches(batch_size=None, batch_format="pandas")  # None: blocks as they are produced
 
 
@@ -154,7 +159,7 @@ def run_matrix(cfg: Config, models: Mapping[str, str | os.PathLike | None], test
         from medvqa.observe import eval_stream  # a progress bar and Ray metrics over the streamed answers
 
         t_last = time.perf_counter()
-        for df in eval_stream(cfg, rows, _predict_rows(rows, cfg, todo)):
+        for df in eval_stream(cfg, rows, _predict_rows(rows, cfg, todo, out_dir)):
             now = time.perf_counter()
             if not timing:
                 timing = {k: {"rows": n, "seconds": (now - t_last) * n / len(rows), "gpus": gpus}

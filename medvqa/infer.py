@@ -210,21 +210,19 @@ class Predictor:
     ``adapters``: one model's adapters (name -> folder, or folders in load order; empty: the base model). ``models``
     instead: model name -> its adapters, so one actor serves a whole matrix: every model's adapters sit on one base
     and each row's ``model`` column selects them (the base model runs with adapters disabled). The model goes to this
-    actor's GPU when ``cfg.resources.use_gpu`` and one is visible. ``feature_cache_mb``: the actor's image-feature
-    cache (``FeatureCache``; 0: off).
+    actor's GPU with ``cfg.resources.use_gpu`` (no visible CUDA device is then an error). ``feature_cache_mb``: the
+    actor's image-feature cache (``FeatureCache``; 0: off).
     """
 
     def __init__(self, cfg_dict: Config | Mapping, adapters: Mapping[str, str] | Sequence[str] = (),
                  instruction: str | None = None, max_new_tokens: int = 16, feature_cache_mb: float = 512.0,
-                 models: Mapping[str, Mapping[str, str]] | None = None):
-        import torch
-
-        from medvqa.model import load_inference_model, load_processor
+                 models: Mapping[str, Mapping[str, str]] | None = None, faults: Mapping | None = None):
+        from medvqa.model import load_inference_model, load_processor, require_cuda
 
         cfg = _config(cfg_dict)
-        use_gpu = bool(cfg.resources.use_gpu and torch.cuda.is_available())
-        if cfg.resources.use_gpu and not use_gpu:
-            log.warning("resources.use_gpu is set but this actor sees no GPU: predicting on CPU")
+        use_gpu = cfg.resources.use_gpu
+        if use_gpu:
+            require_cuda("this predictor actor")  # never answers on CPU labelled as GPU answers
         self.model_adapters: dict[str, list[str]] | None = None
         if models is not None:
             if adapters:
@@ -239,6 +237,8 @@ class Predictor:
         self.instruction = cfg.stage2.prompt if instruction is None else instruction
         self.max_new_tokens = max_new_tokens
         self.feature_cache = FeatureCache(feature_cache_mb) if feature_cache_mb > 0 else None
+        self.faults = dict(faults or {})  # injected eval faults (medvqa.faults): specs, pgid, record_dir
+        self.batches = 0
 
     @contextlib.contextmanager
     def use_model(self, name: str | None):
@@ -267,6 +267,12 @@ class Predictor:
         ``conditions.examples_of``) puts few-shot turns before its question; rows are generated per (model,
         instruction, few-shot or not), which changes no answer (greedy decoding with left padding is
         batch-invariant)."""
+        self.batches += 1
+        if self.faults.get("faults"):
+            from medvqa.faults import fire, parse_faults
+
+            fire(parse_faults(self.faults["faults"]), "eval", self.faults["record_dir"], self.faults["pgid"],
+                 batch=self.batches)
         n = len(batch["image"])
         instructions = [str(x) for x in batch["instruction"]] if "instruction" in batch else [self.instruction] * n
         names = [str(x) for x in batch["model"]] if self.model_adapters is not None else [None] * n
@@ -291,13 +297,21 @@ class Predictor:
 def predict_dataset(ds, cfg: Config | Mapping, adapters: Mapping[str, str] | Sequence[str] = (),
                     instruction: str | None = None, max_new_tokens: int = 16, concurrency: int = 1,
                     cpus_per_actor: float = 0.5, batch_size: int = 8, num_gpus: float | None = None,
-                    feature_cache_mb: float = 512.0, models: Mapping[str, Mapping[str, str]] | None = None):
+                    feature_cache_mb: float = 512.0, models: Mapping[str, Mapping[str, str]] | None = None,
+                    faults: Mapping | None = None):
     """``ds`` (records with ``image`` and ``prompt``; and ``model`` with ``models``, see ``Predictor``) -> a lazy Ray
     Dataset of predictions, one row per input row (every input column except ``image``, plus ``raw_prediction`` and
     ``predicted_answer``), from ``concurrency`` ``Predictor`` actors with ``cpus_per_actor`` CPUs each (fractional
     on small machines) and ``num_gpus`` GPUs each (default: 1 when ``cfg.resources.use_gpu``, else 0), each with a
-    ``feature_cache_mb`` image-feature cache (0: off). A dataset in one block feeds only one actor: ``repartition``
-    it first. Rows grouped by image (consecutive) let one actor encode an image once for all its questions."""
+    ``feature_cache_mb`` image-feature cache (0: off), and ``cfg.resources.worker_resources`` (custom resources that
+    pin actors to chosen nodes). A dataset in one block feeds only one actor: ``repartition`` it first. Rows grouped by
+    image (consecutive) let one actor encode an image once for all its questions.
+
+    An actor lost with its node (or killed) is restarted -- on another node when its own is gone -- and the batches
+    it had in flight run again on it: Ray Data 2.60 creates pool actors with ``max_restarts=-1`` and
+    ``max_task_retries=-1`` unless told otherwise (passing them here is deprecated; tests/test_node_loss.py checks
+    the defaults and the behaviour). A batch's output reaches the driver once, from the attempt that finished.
+    ``faults``: injected faults (``medvqa.faults``)."""
     import ray
 
     cfg = _config(cfg)
@@ -306,7 +320,7 @@ def predict_dataset(ds, cfg: Config | Mapping, adapters: Mapping[str, str] | Seq
     kwargs = {"cfg_dict": to_dict(cfg), "adapters": dict(adapters) if isinstance(adapters, Mapping) else
               list(adapters), "instruction": instruction, "max_new_tokens": max_new_tokens,
               "feature_cache_mb": feature_cache_mb,
-              "models": None if models is None else {m: dict(a) for m, a in models.items()}}
+              "models": None if models is None else {m: dict(a) for m, a in models.items()}, "faults": faults}
     return ds.map_batches(Predictor, fn_constructor_kwargs=kwargs, batch_format="numpy", batch_size=batch_size,
                           compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=cpus_per_actor,
-                          num_gpus=num_gpus or None)
+                          num_gpus=num_gpus or None, resources=dict(cfg.resources.worker_resources) or None)

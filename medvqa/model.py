@@ -161,12 +161,28 @@ def cuda_index(env: Mapping[str, str], device_count: int, current: int) -> int:
     return index
 
 
-def worker_device(use_gpu: bool) -> "torch.device":
-    """The device of this process's model: its local rank's GPU (``cuda_index``) when ``use_gpu`` and CUDA is
-    visible, else the CPU."""
+def require_cuda(where: str) -> None:
+    """Raise when this process sees no CUDA device: ``resources.use_gpu=true`` must never fall back to a CPU run
+    silently (hours of a 4-bit model on CPU, fp32 instead of bf16, predictions labelled as GPU ones). ``where``: who
+    asks (the driver, a Train worker, a predictor actor), for the message."""
     import torch
 
-    if use_gpu and torch.cuda.is_available():
+    if torch.cuda.is_available():
+        return
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    raise RuntimeError(
+        f"resources.use_gpu=true but {where} sees no CUDA device (torch {torch.__version__}, {build}; "
+        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}). Run on a machine or Ray node "
+        "with a GPU and a CUDA build of torch, or set resources.use_gpu=false to train and predict on CPUs.")
+
+
+def worker_device(use_gpu: bool) -> "torch.device":
+    """The device of this process's model: its local rank's GPU (``cuda_index``) with ``use_gpu`` (an error when
+    CUDA is not visible: ``require_cuda``), else the CPU."""
+    import torch
+
+    if use_gpu:
+        require_cuda("this process")
         return torch.device("cuda", cuda_index(os.environ, torch.cuda.device_count(), torch.cuda.current_device()))
     return torch.device("cpu")
 

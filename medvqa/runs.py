@@ -18,8 +18,8 @@ Fields left out of the hash (``ID_EXCLUDED``) are the ones that cannot change th
 - ``model.cache_dir``: where the tiny model is built and cached (the tiny model is a function of ``model.seed``,
   which is hashed).
 - ``resources.cpus_per_worker``, ``resources.data_cpus_per_task``, ``resources.data_concurrency``,
-  ``resources.num_cpus``, ``resources.gpus_per_worker``: CPU and GPU scheduling only (a worker on a quarter of a GPU
-  computes what it computes on a whole one).
+  ``resources.num_cpus``, ``resources.gpus_per_worker``, ``resources.worker_resources``: CPU and GPU scheduling and
+  placement only (a worker on a quarter of a GPU computes what it computes on a whole one).
 - ``eval``: evaluation settings cannot change the trained weights; the predictions are keyed by what produced them
   (``medvqa.predictions``), not by the run id.
 
@@ -98,6 +98,7 @@ ID_EXCLUDED: tuple[str, ...] = (
     "resources.num_cpus",
     "eval",
     "resources.gpus_per_worker",
+    "resources.worker_resources",
 )
 """Dotted config keys that do not enter the run id (see the module docstring for why)."""
 

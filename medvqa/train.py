@@ -100,16 +100,18 @@ def train_fn_per_worker(config: dict) -> None:
     from medvqa import observe, trainstep
     from medvqa.data.pipeline import collate_fn_for, record_index, training_dataset
     from medvqa.faults import fire, parse_faults
-    from medvqa.model import gpu_memory, load_processor, save_adapter
+    from medvqa.model import gpu_memory, load_processor, require_cuda, save_adapter
     from medvqa.runs import record_workers, worker_facts
 
     cfg: Config = from_dict(config["cfg"])
+    use_gpu = cfg.resources.use_gpu
+    if use_gpu:
+        require_cuda("this Train worker")  # a GPU run never trains on CPU in silence
     stage_name: str = config["stage"]
     stage: StageConfig = getattr(cfg, stage_name)
     run_dir = RunDir(Path(config["run_dir"]))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    use_gpu = cfg.resources.use_gpu and torch.cuda.is_available()
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
     workers = gather_from_workers(worker_facts(device, rank))
     if rank == 0:
@@ -274,9 +276,10 @@ def gather_from_workers(obj) -> list:
 
 
 def worker_resources(resources: ResourcesConfig) -> dict:
-    """Ray resources of one Train worker: its CPUs and, with ``use_gpu``, ``gpus_per_worker`` GPUs (a fraction
-    lets several trials' workers share one GPU)."""
-    return {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if resources.use_gpu else {})}
+    """Ray resources of one Train worker: its CPUs, with ``use_gpu`` ``gpus_per_worker`` GPUs (a fraction lets
+    several trials' workers share one GPU), and the custom ``worker_resources`` that pin it to chosen nodes."""
+    return {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if resources.use_gpu else {}),
+            **resources.worker_resources}
 
 
 def fit_stage(cfg: Config, stage_name: str, run_dir: RunDir, model_path: str, callbacks: list | None = None) -> dict:

@@ -112,7 +112,7 @@ def _fake_run(root: Path, name: str = "two", **cfg_overrides) -> Path:
 def _fake_predictions(calls: list, die_after: int | None = None):
     """Stands in for the Ray job: answers '<model>|<question>|<max_new_tokens>' in batches of 4, and raises (a
     killed job) after ``die_after`` batches."""
-    def predict(rows, cfg, models):
+    def predict(rows, cfg, models, out_dir=None):
         calls.append(len(rows))
         for n, i in enumerate(range(0, len(rows), 4)):
             if die_after is not None and n == die_after:

@@ -260,9 +260,12 @@ def test_fault_specs_parse_or_fail_loudly():
     faults = parse_faults("stage1:step=3:driver, stage2:val_round=1:worker,stage1:end:driver")
     assert [(f.stage, f.point, f.value, f.target) for f in faults] == [
         ("stage1", "step", 3, "driver"), ("stage2", "val_round", 1, "worker"), ("stage1", "end", None, "driver")]
+    assert [(f.stage, f.point, f.value, f.target) for f in parse_faults("stage2:step=7:hold,eval:batch=3:hold")] == [
+        ("stage2", "step", 7, "hold"), ("eval", "batch", 3, "hold")]
     assert parse_faults("") == []
     for bad in ("stage3:step=1:driver", "stage1:step=x:driver", "stage1:epoch=1:driver", "stage1:step=1",
-                "stage1:end:worker"):
+                "stage1:end:worker", "stage1:end:hold", "eval:step=1:hold", "stage2:batch=1:worker",
+                "eval:batch=1:node"):
         with pytest.raises(ValueError, match="MEDVQA_FAULT: bad spec"):
             parse_faults(bad)
 
@@ -283,3 +286,18 @@ def test_a_fired_fault_does_not_fire_again(tmp_path, monkeypatch):
     assert [r["fault"] for r in read_metrics(tmp_path) if r.get("event") == "fault"] == ["stage2:step=5:worker"]
     faults.fire(spec, "stage2", tmp_path, pgid=0, step=5)
     assert exits == [1]
+
+
+def test_a_held_process_waits_to_be_removed_and_fails_if_it_is_not(tmp_path, monkeypatch):
+    """``hold`` records the fault, then blocks so that a test can remove the process's node; left alone it raises
+    instead of hanging."""
+    from medvqa import faults
+    from medvqa.runs import read_metrics
+
+    slept = []
+    monkeypatch.setattr(faults.time, "sleep", slept.append)
+    monkeypatch.setattr(os, "_exit", lambda code: pytest.fail("a held process must not exit by itself"))
+    with pytest.raises(RuntimeError, match="nobody removed this node"):
+        faults.fire(parse_faults("eval:batch=2:hold"), "eval", tmp_path, pgid=0, batch=2)
+    assert slept == [faults.HOLD_TIMEOUT_S]
+    assert [r["fault"] for r in read_metrics(tmp_path) if r.get("event") == "fault"] == ["eval:batch=2:hold"]
