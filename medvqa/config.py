@@ -144,12 +144,20 @@ class ResourcesConfig:
                                               "a worker's stream; bounds a streamed stage's memory whatever the data "
                                               "size. None: Ray's default share of the object store.")
     num_cpus: Optional[int] = doc(None, "CPUs for a locally started Ray (None: all).")
+    worker_resource: Optional[str] = doc(None, "A custom Ray resource that only worker nodes carry (e.g. "
+                                               "'medvqa_worker', set with `ray start --resources` or a KubeRay "
+                                               "group's rayStartParams; any amount >= 1): Train workers, Ray Data "
+                                               "tasks and predictor actors each ask for 0.001 of it, so they run on "
+                                               "those nodes, never on the head. None: anywhere.")
 
 
 @dataclass
 class RunConfig:
     name: str = doc("tiny", "Human-readable prefix of the run id.")
-    output_dir: str = doc("runs", "Parent folder of run directories.")
+    output_dir: str = doc("runs", "Parent folder of run directories: a path (relative: below $MEDVQA_RUNS_BASE, else "
+                                  "the cwd) or a URI of any storage pyarrow.fs supports (s3://bucket/runs, gs://, "
+                                  "abfs://; S3-compatible endpoint from $AWS_ENDPOINT_URL). Every artifact of the "
+                                  "run goes there.")
     seed: int = doc(0, "Seed for data order, LoRA init and everything stochastic.")
     handoff: Literal["continue", "merge"] = doc("continue", "Stage 1 -> 2: 'continue' trains the same adapter "
                                                            "(study); 'merge' merges it and starts a fresh LoRA.")
@@ -397,6 +405,12 @@ def validate_eval(cfg: Config) -> None:
         raise ConfigError("eval.feature_cache_mb: must be >= 0")
     if e.gpus_per_actor is not None and (e.gpus_per_actor < 0 or (e.gpus_per_actor > 0 and not cfg.resources.use_gpu)):
         raise ConfigError("eval.gpus_per_actor: must be >= 0, and > 0 only with resources.use_gpu=true")
+
+
+def node_resources(resources: ResourcesConfig) -> dict[str, float]:
+    """Custom Ray resources for a Train worker, Ray Data task or predictor actor: a sliver of
+    ``resources.worker_resource`` (it never limits how many run on a node), or none."""
+    return {resources.worker_resource: 0.001} if resources.worker_resource else {}
 
 
 def actor_gpus(cfg: Config) -> float:

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -20,8 +19,9 @@ import pandas as pd
 from medvqa.conditions import build_cells
 from medvqa.config import Config, DataConfig, actor_gpus, to_dict
 from medvqa.metrics import SEED_SEP, json_ready, matrix_metrics
-from medvqa.predictions import CellWriter, producer
+from medvqa.predictions import CellWriter, producer, read_frame
 from medvqa.runs import RunDir, read_json, write_json
+from medvqa.storage import StoragePath
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def model_adapters(cfg: Config, name: str, run_dir: str | os.PathLike | None) ->
         return {}
     if run_dir is None:
         return None
-    rd = RunDir(Path(run_dir))
+    rd = RunDir(run_dir)
     run_cfg = rd.read_config()
     if to_dict(run_cfg)["model"] != to_dict(cfg)["model"]:
         raise ValueError(f"model {name}: {rd} was trained with model config {to_dict(run_cfg)['model']}, the "
@@ -75,7 +75,7 @@ def model_adapters(cfg: Config, name: str, run_dir: str | os.PathLike | None) ->
     from medvqa.model import run_adapters
 
     adapters = run_adapters(run_cfg, rd.adapters())
-    missing = [p for p in adapters.values() if not (Path(p) / "adapter_config.json").exists()]
+    missing = [p for p in adapters.values() if not (StoragePath(p) / "adapter_config.json").exists()]
     if missing:
         raise FileNotFoundError(f"model {name}: adapter(s) missing: {missing}")
     return adapters
@@ -97,7 +97,7 @@ def run_matrix(cfg: Config, models: Mapping[str, str | os.PathLike | None], test
 
     e = cfg.eval
     seed = cfg.run.seed if e.seed is None else e.seed
-    out_dir = Path(out_dir)
+    out_dir = StoragePath(out_dir)
     instruction = cfg.stage2.prompt  # the same for every model (the study's baseline used another; GUIDE §3)
     cells = build_cells(test_records, e.conditions, instruction, seed, e.medhalt_path or None, e.medhalt_limit,
                         ood_records)
@@ -158,7 +158,7 @@ def run_matrix(cfg: Config, models: Mapping[str, str | os.PathLike | None], test
             raise RuntimeError(f"model {name}: cells {sorted(writer.done)} incomplete after the job")
         predicted += [[name, c] for c in writer.written]
     paths = {(m, c): writers[m].path(c) for m in evaluated for c in cells}
-    metrics = matrix_metrics({k: pd.read_parquet(p) for k, p in paths.items()}, n_boot=e.n_boot, seed=seed)
+    metrics = matrix_metrics({k: read_frame(p) for k, p in paths.items()}, n_boot=e.n_boot, seed=seed)
     earlier = (read_json(out_dir / "metrics.json", {}).get("timing") or {}).get("cells") or {}
     metrics["timing"] = {"cells": {**{f"{m}/{c}": earlier[f"{m}/{c}"] for m, c in skipped if f"{m}/{c}" in earlier},
                                    **timing}}
@@ -201,7 +201,7 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (),
     written to ``run_dir/eval/``. The ``eval`` section used is recorded in the run's config.yaml (it is not part of
     the run id). ``seed_runs``: more run directories of the same model trained with other seeds (``run.seed``):
     every run of the model is then evaluated as ``<model>@<seed>`` and summarised across seeds."""
-    rd = RunDir(Path(run_dir))
+    rd = RunDir(run_dir)
     cfg = rd.read_config(overrides)
     stored = rd.read_config()
     if stored.eval != cfg.eval:
@@ -225,7 +225,7 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (),
             models["single_stage"] = single_stage
         if seed_runs:
             for other in [run_dir, *seed_runs]:
-                rc = RunDir(Path(other)).read_config()
+                rc = RunDir(other).read_config()
                 if rc.stage1.enabled != cfg.stage1.enabled:
                     raise ValueError(f"{other}: not the same kind of run as {run_dir} (stage1.enabled differs)")
                 key = f"{name}{SEED_SEP}{rc.run.seed}"

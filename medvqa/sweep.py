@@ -9,7 +9,9 @@ trial (e.g. the validation carve), the parameters to sample (dotted config keys:
   ``<sweep_dir>/runs/trial-<trial_id>-<hash>``;
 - samples with ``OptunaSearch`` (seeded TPE) whose study is persisted to ``<sweep_dir>/optuna.db`` (open it with
   ``optuna-dashboard sqlite:///<sweep_dir>/optuna.db``), under a ``ConcurrencyLimiter`` derived from the cluster's
-  GPUs (or CPUs on a CPU-only cluster);
+  GPUs (or CPUs on a CPU-only cluster). A sweep directory in object storage (``output_dir=s3://…``) cannot hold a
+  SQLite file: there the study lives in memory and is checkpointed with the searcher's state by Tune into
+  ``<sweep_dir>/tune/`` (as every searcher is), and ``Tuner.restore`` brings it back, from any machine;
 - stops poor trials with ASHA on the stage-2 validation metric, reported once per validation round (``val_round``,
   by default every stage-2 epoch) on a validation split carved from the training split
   (``stage2.data.validation_fraction``): never the test split;
@@ -39,6 +41,7 @@ import yaml
 
 from medvqa.config import ConfigError, load_config, named_yaml
 from medvqa.runs import output_root, run_dir_for, write_json
+from medvqa.storage import StoragePath
 from medvqa.sweep_report import TRIAL_LINK, write_report
 
 log = logging.getLogger("medvqa.sweep")
@@ -65,7 +68,7 @@ class SweepSpace:
     tpe_startup_trials: int = 4  # random trials before TPE models the space (Optuna's default is 10)
     asha: dict | None = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2})
     report: dict = field(default_factory=lambda: {"x": "stage1.data.limit", "line": "lora.r"})
-    output_dir: str = "sweeps"  # relative: under $MEDVQA_RUNS_BASE when set, else the cwd
+    output_dir: str = "sweeps"  # a folder or URI (s3://…); relative: under $MEDVQA_RUNS_BASE when set, else the cwd
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -186,7 +189,7 @@ def space_hash(space: SweepSpace) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def sweep_dir_for(space: SweepSpace) -> Path:
+def sweep_dir_for(space: SweepSpace) -> StoragePath:
     return output_root(space.output_dir) / f"{space.name}-{space_hash(space)}"
 
 
@@ -308,16 +311,19 @@ def trial_fn(params: dict, space: dict, sweep_dir: str) -> None:
     sp = SweepSpace(**space)
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
-    cfg = trial_config(sp, params, f"trial-{trial_id}", str(Path(sweep_dir) / "runs"))
+    sdir = StoragePath(sweep_dir)
+    cfg = trial_config(sp, params, f"trial-{trial_id}", str(sdir / "runs"))
     rd = run_dir_for(cfg)
     log.info("trial %s: %s -> %s", trial_id, params, rd.path)
-    # The report reads a trial's numbers from its run directory (metrics.jsonl), found through this link.
-    write_json(Path(ctx.get_trial_dir()) / TRIAL_LINK, {"trial_id": trial_id, "run_dir": str(rd.path)})
+    # The report reads a trial's numbers from its run directory (metrics.jsonl), found through this link, written
+    # into the trial's folder in the sweep's storage (get_trial_dir() is a local staging folder of this node).
+    write_json(sdir / "tune" / Path(ctx.get_trial_dir()).name / TRIAL_LINK,
+               {"trial_id": trial_id, "run_dir": str(rd.path)})
     with tracked(cfg, rd, tags={"medvqa.trial_id": trial_id}, parent=read_session(sweep_dir)):  # MLflow child run
         run_two_stage(cfg, callbacks=[_tune_callback(sp.metric, {"run_dir": str(rd.path), "trial_id": trial_id})])
 
 
-def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool = True) -> Path:
+def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool = True) -> StoragePath:
     """Run (or continue) the sweep; returns its directory. Re-running with the same space restores it."""
     import ray
     from ray import tune
@@ -331,7 +337,7 @@ def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool =
     from medvqa.ray_init import init_ray
 
     sdir = sweep_dir_for(space)
-    sdir.mkdir(parents=True, exist_ok=True)
+    sdir.mkdir()
     (sdir / "space.yaml").write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
     base = space.base_config()
     resolve_model_path(base.model)  # build the tiny model once, before trials race for it
@@ -349,8 +355,10 @@ def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool =
 
         concurrent = max_concurrent_trials(space, ray.cluster_resources(), cluster_max_resources())
         sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.tpe_startup_trials)
+        # SQLite cannot live in a bucket: there the study is in memory, checkpointed with the searcher (module doc).
+        storage = optuna.storages.RDBStorage(f"sqlite:///{sdir / 'optuna.db'}") if sdir.is_local else None
         searcher = OptunaSearch(metric=space.metric, mode=space.mode, sampler=sampler, study_name=space.name,
-                                storage=optuna.storages.RDBStorage(f"sqlite:///{sdir / 'optuna.db'}"))
+                                storage=storage)
         if space.asha is None:
             scheduler = FIFOScheduler()
         else:
