@@ -404,12 +404,15 @@ def environment() -> dict:
 
 
 def worker_facts(device, rank: int = 0) -> dict:
-    """What one Train worker ran on, for environment.json's ``workers``: host, rank, device, torch and the CUDA it was
-    built for, and on a CUDA ``device`` the GPU's name, compute capability, memory and the driver-visible GPUs. Reads
+    """What one Train worker ran on, for environment.json's ``workers``: host, Ray node id, rank, device, torch and the
+    CUDA it was built for, and on a CUDA ``device`` the GPU's name, compute capability, memory and the driver-visible GPUs. Reads
     torch from ``sys.modules`` (a worker has imported it)."""
     torch = sys.modules["torch"]
     facts: dict[str, Any] = {"hostname": platform.node(), "rank": rank, "device": str(device),
                              "torch": torch.__version__, "cuda": torch.version.cuda}
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        facts["node_id"] = ray.get_runtime_context().get_node_id()
     if str(device).startswith("cuda"):
         props = torch.cuda.get_device_properties(device)
         facts.update(gpu=props.name, capability=f"{props.major}.{props.minor}",

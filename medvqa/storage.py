@@ -33,7 +33,6 @@ from __future__ import annotations
 import fnmatch
 import functools
 import hashlib
-import io
 import logging
 import os
 import posixpath
@@ -156,9 +155,6 @@ class StoragePath:
     def with_suffix(self, suffix: str) -> StoragePath:
         return self.parent / (self.stem + suffix)
 
-    def with_name(self, name: str) -> StoragePath:
-        return self.parent / name
-
     @property
     def parts(self) -> tuple[str, ...]:
         return tuple(p for p in self._posix.split("/") if p)
@@ -249,8 +245,10 @@ class StoragePath:
             return os.stat(self.uri)
         from types import SimpleNamespace
 
+        from pyarrow.fs import FileType
+
         info = self._info()
-        if not self.exists():
+        if info.type == FileType.NotFound:
             raise FileNotFoundError(str(self))
         return SimpleNamespace(st_size=info.size, st_mtime_ns=info.mtime_ns)
 
@@ -299,20 +297,6 @@ class StoragePath:
     def write_text(self, text: str, encoding: str = "utf-8") -> None:
         self.write_bytes(text.encode(encoding))
 
-    @contextmanager
-    def open(self, mode: str = "r", encoding: str = "utf-8") -> Iterator[io.IOBase]:
-        """A stream: 'r'/'rb' read, 'w'/'wb' write (the object appears whole when the block ends)."""
-        if mode not in ("r", "rb", "w", "wb"):
-            raise ValueError(f"mode {mode!r}: only r, rb, w, wb")
-        if self.is_local and "w" in mode:
-            self.local.parent.mkdir(parents=True, exist_ok=True)
-        raw = self.fs.open_input_file(self.path) if "r" in mode else self.fs.open_output_stream(self.path)
-        stream = raw if "b" in mode else io.TextIOWrapper(raw, encoding=encoding)
-        try:
-            yield stream
-        finally:
-            stream.close()
-
     def mkdir(self, parents: bool = True, exist_ok: bool = True) -> None:
         """Create the folder locally; nothing in object storage (a prefix exists once an object lies under it)."""
         if self.is_local:
@@ -320,15 +304,13 @@ class StoragePath:
 
     def iterdir(self) -> list[StoragePath]:
         """Direct children (files and folders), sorted; [] when this is not a folder."""
+        return sorted(self / posixpath.basename(i.path.rstrip("/")) for i in self._walk(recursive=False))
+
+    def _walk(self, recursive: bool = True) -> list:
+        """Everything below this folder (or its direct children only)."""
         from pyarrow.fs import FileSelector
 
-        infos = self.fs.get_file_info(FileSelector(self.path, allow_not_found=True))
-        return sorted(self / posixpath.basename(i.path.rstrip("/")) for i in infos)
-
-    def _walk(self) -> list:
-        from pyarrow.fs import FileSelector
-
-        return self.fs.get_file_info(FileSelector(self.path, recursive=True, allow_not_found=True))
+        return self.fs.get_file_info(FileSelector(self.path, recursive=recursive, allow_not_found=True))
 
     def glob(self, pattern: str) -> list[StoragePath]:
         """Entries whose path below this folder matches ``pattern`` segment by segment (``*.parquet``,
@@ -336,7 +318,7 @@ class StoragePath:
         want = pattern.split("/")
         base = self.path.rstrip("/") + "/"
         out = []
-        for info in self._walk():
+        for info in self._walk(recursive=len(want) > 1):
             rel = info.path[len(base):].split("/") if info.path.startswith(base) else []
             if len(rel) == len(want) and all(fnmatch.fnmatchcase(r, w) for r, w in zip(rel, want)):
                 out.append(self.joinpath(*rel))
@@ -367,10 +349,10 @@ class StoragePath:
         """Copy the files of the local folder ``local_dir`` into this folder (overwriting). Files named in ``last``
         go last: a reader that takes one of them as the sign that the folder is complete never sees it early."""
         local_dir = Path(local_dir)
-        files = sorted((f for f in local_dir.rglob("*") if f.is_file()),
-                       key=lambda f: (f.name in last, f.relative_to(local_dir).as_posix()))
         if self.is_local and self.local.resolve() == local_dir.resolve():
             return
+        files = sorted((f for f in local_dir.rglob("*") if f.is_file()),
+                       key=lambda f: (f.name in last, f.relative_to(local_dir).as_posix()))
         for f in files:
             (self / f.relative_to(local_dir).as_posix()).write_bytes(f.read_bytes())
 

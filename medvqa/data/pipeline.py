@@ -79,11 +79,12 @@ def _phantom_batch(batch: dict, task: str, seed: int, split: str, anatomy: str) 
     return {k: [r.get(k) for r in rows] for k in rows[0]}
 
 
-def raw_datasets(data: DataConfig, parallelism: int = 8):
+def raw_datasets(data: DataConfig, parallelism: int = 8, remote_args: dict | None = None):
     """Ray Datasets of raw (unvalidated) records, one after another. Phantoms are generated inside tasks from their
     index (one dataset; the indices are made in the driver, so no read task needs placing). Other sources are read by their adapter in the driver, ``_DRIVER_CHUNK`` records at a time:
     folder layouts yield cheap pointer records (paths, decoded by the tasks), HF sources yield image bytes, so the
-    driver holds at most one chunk of them, never the whole set."""
+    driver holds at most one chunk of them, never the whole set. ``remote_args``: Ray resources of the phantom tasks
+    (as the validation's, so the two fuse into one task)."""
     import itertools
 
     import ray
@@ -94,7 +95,7 @@ def raw_datasets(data: DataConfig, parallelism: int = 8):
                                   override_num_blocks=max(1, min(parallelism, n // _RAW_CHUNK or 1))).map_batches(
             _phantom_batch, fn_kwargs={"task": data.task, "seed": data.seed, "split": data.split,
                                        "anatomy": data.phantom_anatomy},
-            batch_format="numpy", batch_size=_RAW_CHUNK)
+            batch_format="numpy", batch_size=_RAW_CHUNK, **(remote_args or {}))
         return
     from medvqa.data.adapters import iter_raw_records
 
@@ -173,16 +174,15 @@ def prepare_records(data: DataConfig, out_dir: StoragePath, rejects_dir: Storage
     for d in (out_dir, rejects_dir):
         d.rmtree()
         d.mkdir()
-    placement = node_resources(resources)
-    for raw in raw_datasets(data):  # write_parquet adds files to out_dir, one chunk after another
+    remote_args = {"num_cpus": resources.data_cpus_per_task, "resources": node_resources(resources)}
+    for raw in raw_datasets(data, remote_args=remote_args):  # write_parquet adds files, one chunk after another
         raw.map_batches(
             _validate_and_split, fn_kwargs={"rejects_dir": None if part == "validation" else str(rejects_dir),
                                             "part": carve, "fraction": data.validation_fraction, "seed": data.seed},
-            batch_format="numpy",
-            batch_size=_RAW_CHUNK, num_cpus=resources.data_cpus_per_task, resources=placement,
+            batch_format="numpy", batch_size=_RAW_CHUNK, **remote_args,
             compute=TaskPoolStrategy(size=resources.data_concurrency),
         ).write_parquet(out_dir.path, filesystem=out_dir.fs, schema=SCHEMA, max_rows_per_file=_ROWS_PER_FILE,
-                        ray_remote_args={"resources": placement})
+                        ray_remote_args={"resources": remote_args["resources"]})
 
     # Counts from a column projection of the written files (no image bytes read back).
     files = out_dir.glob("*.parquet")
