@@ -253,8 +253,8 @@ def load_model(cfg: Config, use_gpu: bool = False, stage1_adapter: Optional[str]
     """The PeftModel to train (see the module docstring for the three cases).
 
     ``stage1_adapter``: folder (or URI: ``medvqa.storage.local_copy`` fetches it) written by ``save_adapter`` at
-    the end of stage 1; ``handoff`` defaults to
-    ``cfg.run.handoff``. Seed torch before calling: a fresh LoRA's A matrices are drawn from torch's global RNG.
+    the end of stage 1; ``handoff`` defaults to ``cfg.run.handoff``. Seed torch before calling: a fresh LoRA's A
+    matrices are drawn from torch's global RNG.
     Only LoRA parameters of the trainable adapter require grad; the summary is logged.
     """
     from peft import PeftModel, get_peft_model

@@ -706,7 +706,10 @@ def build_report(run_dir: str | os.PathLike, audit: bool = True) -> dict:
     report = RunDir(run_dir).report
     with staged(report) as out_dir:
         out = _write_report(run_dir, out_dir, audit)
-    where = lambda p: str(report / Path(p).relative_to(out_dir).as_posix())  # noqa: E731
+
+    def where(written: str) -> str:  # where a file written into out_dir ends up
+        return str(report / Path(written).relative_to(out_dir).as_posix())
+
     return {**out, "markdown": where(out["markdown"]), "html": where(out["html"]),
             "plots": [where(p) for p in out["plots"]]}
 

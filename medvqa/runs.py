@@ -482,17 +482,16 @@ def append_metrics(run_dir: RunDir | str | os.PathLike, record: dict) -> None:
     re-uploading its current part whole on every record (one PUT, atomic) and starting a new part past 256 KiB. A
     record is stored once the call returns, as with the local file; no two processes write the same object, so no
     write is lost; ``read_metrics`` merges the parts by ``time``."""
-    root = StoragePath(run_dir)
+    rd = RunDir(run_dir)
     line = json.dumps({**record, "time": record.get("time", time.time())}, default=str) + "\n"
-    if root.is_local:
-        path = root.local / "metrics.jsonl"
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    if rd.path.is_local:
+        fd = os.open(rd.metrics.local, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line.encode())
         finally:
             os.close(fd)  # unbuffered: the line is in the file once write returns
         return
-    folder = root / METRICS_PARTS
+    folder = rd.metrics_parts
     with _parts_lock:
         key = (folder.uri, os.getpid())
         part = _parts.get(key)
@@ -516,10 +515,9 @@ def read_metrics(run_dir: RunDir | str | os.PathLike, superseded: bool = False) 
     the steps after k were trained again, so earlier rows of stage S with a step past k (losses, validation rounds,
     checkpoints of the interrupted attempt) are dropped. The file itself stays append-only -- the full history of
     attempts, faults and resumes is kept, and no reader races a writer -- and every step appears once here."""
-    root = StoragePath(run_dir)
-    rows = read_jsonl(root / "metrics.jsonl")
-    parts = root / METRICS_PARTS
-    part_files = parts.glob("*.jsonl") if parts.is_dir() else []
+    rd = RunDir(run_dir)
+    rows = read_jsonl(rd.metrics)
+    part_files = rd.metrics_parts.glob("*.jsonl")
     if part_files:
         rows += [r for f in part_files for r in read_jsonl(f)]
         rows.sort(key=lambda r: r.get("time") or 0)  # stable: a part's own order is kept

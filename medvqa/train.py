@@ -21,6 +21,11 @@ is queued, and the queue holds one). A job killed in between restores the checkp
 the unregistered one is left on disk and overwritten when the resumed run reports that step again. Either way the
 steps after the restored checkpoint are trained again, identically, and metrics.jsonl rows of the lost attempt are
 superseded (``medvqa.runs.read_metrics``).
+
+Storage: the run directory may be a bucket (``run.output_dir=s3://…``, ``medvqa.storage``); checkpoints go there
+(``storage_path`` is its URI), and no worker reads a path only the driver has: the carved validation set reaches the
+rank-0 worker as a Ray object, the stage-1 adapter and the prepared records are read from the run directory's
+storage, and the finished adapter is uploaded there (``adapter_config.json`` last, the mark of a finished stage).
 """
 
 from __future__ import annotations

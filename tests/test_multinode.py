@@ -247,8 +247,8 @@ def test_sweep_lives_in_the_bucket(cluster, bucket, tiny_model_dir, tmp_path):
     prefix = f"base/sweeps/{sdir.name}/"
     keys = {k[len(prefix):] for k in bucket_keys(BUCKET, prefix)}
     assert {"space.yaml", "report/trials.csv", "report/report.md", "report/best.yaml"} <= keys
-    assert sum(k.endswith("/params.json") and k.startswith("tune/") for k in keys) == 2
-    assert sum(k.endswith("/medvqa_run.json") for k in keys) == 2
+    trial_dirs = {k.rsplit("/", 1)[0] for k in keys if k.startswith("tune/") and k.endswith("/params.json")}
+    assert len(trial_dirs) == 2 and {f"{d}/medvqa_run.json" for d in trial_dirs} <= keys  # each trial's link
     assert sum(k.endswith("/adapters/stage2/adapter_config.json") for k in keys) == 2
     assert "optuna.db" not in keys and list(cwd.iterdir()) == []
     for run_dir in trials["run_dir"]:

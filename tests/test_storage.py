@@ -37,7 +37,7 @@ def test_a_uri_is_joined_named_and_compared_like_a_path():
 def test_a_local_path_stays_a_path(tmp_path):
     sp = StoragePath(tmp_path / "a")
     assert sp.is_local and sp == tmp_path / "a" and os.fspath(sp) == str(tmp_path / "a") and sp.local == tmp_path / "a"
-    assert StoragePath(f"file://{tmp_path}/a") == sp and StoragePath(str(tmp_path / "a" / "..") ) == tmp_path
+    assert StoragePath(f"file://{tmp_path}/a") == sp and StoragePath(str(tmp_path / "a" / "..")) == tmp_path
     assert RunDir(tmp_path).path == StoragePath(tmp_path) and StoragePath(RunDir(tmp_path)) == tmp_path
 
 

@@ -81,10 +81,10 @@ def _phantom_batch(batch: dict, task: str, seed: int, split: str, anatomy: str) 
 
 def raw_datasets(data: DataConfig, parallelism: int = 8, remote_args: dict | None = None):
     """Ray Datasets of raw (unvalidated) records, one after another. Phantoms are generated inside tasks from their
-    index (one dataset; the indices are made in the driver, so no read task needs placing). Other sources are read by their adapter in the driver, ``_DRIVER_CHUNK`` records at a time:
-    folder layouts yield cheap pointer records (paths, decoded by the tasks), HF sources yield image bytes, so the
-    driver holds at most one chunk of them, never the whole set. ``remote_args``: Ray resources of the phantom tasks
-    (as the validation's, so the two fuse into one task)."""
+    index (one dataset; the indices are made in the driver, so no read task needs placing), with ``remote_args`` (the
+    validation tasks' CPUs and resources). Other sources are read by their adapter in the driver, ``_DRIVER_CHUNK``
+    records at a time: folder layouts yield cheap pointer records (paths, decoded by the tasks), HF sources yield
+    image bytes, so the driver holds at most one chunk of them, never the whole set."""
     import itertools
 
     import ray
