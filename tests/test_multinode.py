@@ -134,6 +134,9 @@ def trained(cluster, bucket, tiny_model_dir, tmp_path_factory):
 
 
 def test_main_job_lives_in_the_bucket_and_resumes_from_another_directory(trained, cluster, bucket):
+    """Killed at stage 2's step 6, the job re-run from another directory resumes from the step-4 checkpoint in the
+    bucket (stage 1 skipped, every step logged once); every artifact is in the bucket, the reject collected; the Train
+    workers and our Ray Data tasks ran on the worker nodes."""
     rd, codes, cwds, logs = trained
     assert codes == [-9, 0], (logs / "job1.log").read_text()[-4000:]
     assert str(rd.path).startswith(f"{bucket}/runs/")
