@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -243,9 +242,10 @@ def report(run_dir: str = typer.Argument(..., help="Run directory with eval/metr
     except (FileNotFoundError, HumanEvalError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    from medvqa.runs import RunDir
     from medvqa.tracking import log_artifacts
 
-    log_artifacts(run_dir, Path(run_dir) / "report", "report")  # to the run's MLflow run, when it is tracked
+    log_artifacts(run_dir, RunDir(run_dir).report, "report")  # to the run's MLflow run, when it is tracked
     typer.echo(json.dumps(out))
 
 

@@ -161,17 +161,20 @@ class ResourcesConfig:
                                               "a worker's stream; bounds a streamed stage's memory whatever the data "
                                               "size. None: Ray's default share of the object store.")
     num_cpus: Optional[int] = doc(None, "CPUs for a locally started Ray (None: all).")
-    worker_resources: dict[str, float] = doc(factory=dict, help=(
-        "Custom Ray resources each Train worker and each predictor actor asks for besides its CPUs and GPUs, to keep "
-        "them on chosen nodes: e.g. {medvqa_worker: 1} with worker nodes started by `ray start "
-        "--resources='{\"medvqa_worker\": 4}'` keeps training and inference off the head (the node-loss tests do "
-        "this). Placement only: not part of the run id. Override: resources.worker_resources='{medvqa_worker: 1}'."))
+    worker_resource: Optional[str] = doc(None, "A custom Ray resource that only worker nodes carry (e.g. "
+                                               "'medvqa_worker', set with `ray start --resources` or a KubeRay "
+                                               "group's rayStartParams; any amount >= 1): Train workers, Ray Data "
+                                               "tasks and predictor actors each ask for 0.001 of it, so they run on "
+                                               "those nodes, never on the head. None: anywhere.")
 
 
 @dataclass
 class RunConfig:
     name: str = doc("tiny", "Human-readable prefix of the run id.")
-    output_dir: str = doc("runs", "Parent folder of run directories.")
+    output_dir: str = doc("runs", "Parent folder of run directories: a path (relative: below $MEDVQA_RUNS_BASE, else "
+                                  "the cwd) or a URI of any storage pyarrow.fs supports (s3://bucket/runs, gs://, "
+                                  "abfs://; S3-compatible endpoint from $AWS_ENDPOINT_URL). Every artifact of the "
+                                  "run goes there.")
     seed: int = doc(0, "Seed for data order, LoRA init and everything stochastic.")
     handoff: Literal["continue", "merge"] = doc("continue", "Stage 1 -> 2: 'continue' trains the same adapter "
                                                            "(study); 'merge' merges it and starts a fresh LoRA.")
@@ -278,12 +281,6 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
             items = [value]  # a single YAML scalar, e.g. eval.conditions=true
         return [_check_value(f"{key}[{i}]", inner, v.strip() if isinstance(v, str) else v)
                 for i, v in enumerate(items)]
-    if origin is dict:
-        key_type, value_type = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {_check_value(f"{key} key", key_type, k): _check_value(f"{key}.{k}", value_type, v)
-                for k, v in value.items()}
     if origin is Literal:
         choices = typing.get_args(tp)
         if isinstance(value, bool) and str(value).lower() in choices:
@@ -429,10 +426,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("resources.num_workers: must be >= 1")
     if cfg.resources.cpus_per_worker <= 0 or cfg.resources.data_cpus_per_task <= 0:
         raise ConfigError("resources.cpus_per_worker and data_cpus_per_task: must be > 0")
-    custom = cfg.resources.worker_resources
-    if any(v <= 0 for v in custom.values()) or {"CPU", "GPU", "memory"} & set(custom):
-        raise ConfigError(f"resources.worker_resources: custom resources with amounts > 0 (CPUs and GPUs have their "
-                          f"own keys), got {custom}")
     validate_eval(cfg)
     g = cfg.resources.gpus_per_worker
     if g <= 0 or (g > 1 and g != int(g)):
@@ -459,6 +452,12 @@ def validate_eval(cfg: Config) -> None:
         raise ConfigError("eval.feature_cache_mb: must be >= 0")
     if e.gpus_per_actor is not None and (e.gpus_per_actor < 0 or (e.gpus_per_actor > 0 and not cfg.resources.use_gpu)):
         raise ConfigError("eval.gpus_per_actor: must be >= 0, and > 0 only with resources.use_gpu=true")
+
+
+def node_resources(resources: ResourcesConfig) -> dict[str, float]:
+    """Custom Ray resources for a Train worker, Ray Data task or predictor actor: a sliver of
+    ``resources.worker_resource`` (it never limits how many run on a node), or none."""
+    return {resources.worker_resource: 0.001} if resources.worker_resource else {}
 
 
 def actor_gpus(cfg: Config) -> float:

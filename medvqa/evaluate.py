@@ -21,8 +21,9 @@ import pandas as pd
 from medvqa.conditions import build_cells
 from medvqa.config import Config, DataConfig, actor_gpus, to_dict
 from medvqa.metrics import SEED_SEP, json_ready, matrix_metrics
-from medvqa.predictions import CellWriter, producer
+from medvqa.predictions import CellWriter, producer, read_frame
 from medvqa.runs import RunDir, read_json, write_json
+from medvqa.storage import StoragePath
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ BATCHES_PER_BLOCK = 8
 
 
 def _predict_rows(rows: list[dict], cfg: Config, models: Mapping[str, Mapping[str, str]],
-                  out_dir: Path) -> Iterator[pd.DataFrame]:
+                  out_dir: StoragePath) -> Iterator[pd.DataFrame]:
     """One Ray Data job over ``rows`` of every model in ``models`` (name -> adapters), in several blocks so every
     actor gets work -> prediction DataFrames, streamed as the job produces them (not after it ends). Injected
     ``eval`` faults (``medvqa.faults``) are recorded in ``out_dir``."""
@@ -73,7 +74,7 @@ def model_adapters(cfg: Config, name: str, run_dir: str | os.PathLike | None) ->
         return {}
     if run_dir is None:
         return None
-    rd = RunDir(Path(run_dir))
+    rd = RunDir(run_dir)
     run_cfg = rd.read_config()
     if to_dict(run_cfg)["model"] != to_dict(cfg)["model"]:
         raise ValueError(f"model {name}: {rd} was trained with model config {to_dict(run_cfg)['model']}, the "
@@ -81,7 +82,7 @@ def model_adapters(cfg: Config, name: str, run_dir: str | os.PathLike | None) ->
     from medvqa.model import run_adapters
 
     adapters = run_adapters(run_cfg, rd.adapters())
-    missing = [p for p in adapters.values() if not (Path(p) / "adapter_config.json").exists()]
+    missing = [p for p in adapters.values() if not (StoragePath(p) / "adapter_config.json").exists()]
     if missing:
         raise FileNotFoundError(f"model {name}: adapter(s) missing: {missing}")
     return adapters
@@ -109,7 +110,7 @@ def run_matrix(cfg: Config, models: Mapping[str, str | os.PathLike | None], test
 
     e = cfg.eval
     seed = cfg.run.seed if e.seed is None else e.seed
-    out_dir = Path(out_dir)
+    out_dir = StoragePath(out_dir)
     instruction = cfg.stage2.prompt  # the same for every model (the study's baseline used another; GUIDE §3)
     not_built = list(skipped_cells)
     given = {r["condition"] for r in not_built if r["model"] == "*"}
@@ -177,7 +178,7 @@ def run_matrix(cfg: Config, models: Mapping[str, str | os.PathLike | None], test
             raise RuntimeError(f"model {name}: cells {sorted(writer.done)} incomplete after the job")
         predicted += [[name, c] for c in writer.written]
     paths = {(m, c): writers[m].path(c) for m in evaluated for c in cells}
-    metrics = matrix_metrics({k: pd.read_parquet(p) for k, p in paths.items()}, n_boot=e.n_boot, seed=seed)
+    metrics = matrix_metrics({k: read_frame(p) for k, p in paths.items()}, n_boot=e.n_boot, seed=seed)
     earlier = (read_json(out_dir / "metrics.json", {}).get("timing") or {}).get("cells") or {}
     metrics["timing"] = {"cells": {**{f"{m}/{c}": earlier[f"{m}/{c}"] for m, c in skipped if f"{m}/{c}" in earlier},
                                    **timing}}
@@ -224,10 +225,8 @@ def source_summary(rd: RunDir, name: str, valid: Sequence[Mapping], rejected: Se
     from medvqa.data.records import reject_summary
 
     path = rd.eval_rejects(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in sorted(rejected, key=lambda r: str(r["id"]))))
-    os.replace(tmp, path)
+    path.write_text(  # atomic, locally and in object storage
+        "".join(json.dumps(r, default=str) + "\n" for r in sorted(rejected, key=lambda r: str(r["id"]))))
     total = len(valid) + len(rejected)
     reasons = reject_summary(list(rejected))
     out = {"total": total, "valid": len(valid), "rejected": len(rejected), "reject_reasons": reasons,
@@ -274,11 +273,11 @@ def single_stage_config(cfg: Config) -> Config:
                                stage1=dataclasses.replace(cfg.stage1, enabled=False))
 
 
-def single_stage_dir(run_dir: str | os.PathLike, cfg: Config) -> Path:
+def single_stage_dir(run_dir: str | os.PathLike, cfg: Config) -> StoragePath:
     """Where the single-stage sibling of a two-stage run lives: beside it, under its own run id."""
     from medvqa.runs import run_id
 
-    return Path(run_dir).parent / run_id(single_stage_config(cfg))
+    return StoragePath(run_dir).parent / run_id(single_stage_config(cfg))
 
 
 def trained_images(run_dir: str | os.PathLike) -> set[str] | None:
@@ -286,7 +285,7 @@ def trained_images(run_dir: str | os.PathLike) -> set[str] | None:
     validation images); None when the run's prepared data is gone."""
     import pyarrow.parquet as pq
 
-    rd = RunDir(Path(run_dir))
+    rd = RunDir(run_dir)
     cfg = rd.read_config()
     images: set[str] = set()
     for stage, _ in cfg.stages():
@@ -294,7 +293,7 @@ def trained_images(run_dir: str | os.PathLike) -> set[str] | None:
         if not files:
             return None
         for f in files:
-            images.update(pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist())
+            images.update(pq.read_table(f.path, filesystem=f.fs, columns=["image_id"]).column("image_id").to_pylist())
     return images - {""}
 
 
@@ -395,7 +394,7 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (),
     from medvqa.data.pipeline import TooManyRejects
     from medvqa.data.protocol import describe, protocol_records
 
-    rd = RunDir(Path(run_dir))
+    rd = RunDir(run_dir)
     cfg = rd.read_config(overrides)
     stored = rd.read_config()
     if stored.eval != cfg.eval:
@@ -416,7 +415,7 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (),
     if not base_only:
         name = "two_stage" if cfg.stage1.enabled else "single_stage"  # a run without stage 1 is the baseline
         if cfg.stage1.enabled and "single_stage" in e.models:
-            sibling = Path(single_stage) if single_stage else single_stage_dir(rd.path, cfg)
+            sibling = StoragePath(single_stage) if single_stage else single_stage_dir(rd.path, cfg)
             if (sibling / "config.yaml").exists():
                 models["single_stage"] = sibling
             else:
@@ -425,7 +424,7 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (),
                     f"--single-stage RUN_DIR)")})
         if name in e.models and seed_runs:
             for other in [run_dir, *seed_runs]:
-                rc = RunDir(Path(other)).read_config()
+                rc = RunDir(other).read_config()
                 if rc.stage1.enabled != cfg.stage1.enabled:
                     raise ValueError(f"{other}: not the same kind of run as {run_dir} (stage1.enabled differs)")
                 key = f"{name}{SEED_SEP}{rc.run.seed}"

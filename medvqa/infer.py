@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from medvqa.conditions import examples_of
-from medvqa.config import Config, actor_gpus, from_dict, to_dict
+from medvqa.config import Config, actor_gpus, from_dict, node_resources, to_dict
 from medvqa.data.pipeline import collate_fn_for, decode_image, encode_example
 from medvqa.metrics import extract_answer
 
@@ -303,9 +303,9 @@ def predict_dataset(ds, cfg: Config | Mapping, adapters: Mapping[str, str] | Seq
     Dataset of predictions, one row per input row (every input column except ``image``, plus ``raw_prediction`` and
     ``predicted_answer``), from ``concurrency`` ``Predictor`` actors with ``cpus_per_actor`` CPUs each (fractional
     on small machines) and ``num_gpus`` GPUs each (default: 1 when ``cfg.resources.use_gpu``, else 0), each with a
-    ``feature_cache_mb`` image-feature cache (0: off), and ``cfg.resources.worker_resources`` (custom resources that
-    pin actors to chosen nodes). A dataset in one block feeds only one actor: ``repartition`` it first. Rows grouped by
-    image (consecutive) let one actor encode an image once for all its questions.
+    ``feature_cache_mb`` image-feature cache (0: off), on nodes with ``resources.worker_resource`` when set. A
+    dataset in one block feeds only one actor: ``repartition`` it first. Rows grouped by image (consecutive) let one
+    actor encode an image once for all its questions.
 
     An actor lost with its node (or killed) is restarted -- on another node when its own is gone -- and the batches
     it had in flight run again on it: Ray Data 2.60 creates pool actors with ``max_restarts=-1`` and
@@ -323,4 +323,4 @@ def predict_dataset(ds, cfg: Config | Mapping, adapters: Mapping[str, str] | Seq
               "models": None if models is None else {m: dict(a) for m, a in models.items()}, "faults": faults}
     return ds.map_batches(Predictor, fn_constructor_kwargs=kwargs, batch_format="numpy", batch_size=batch_size,
                           compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=cpus_per_actor,
-                          num_gpus=num_gpus or None, resources=dict(cfg.resources.worker_resources) or None)
+                          num_gpus=num_gpus or None, resources=node_resources(cfg.resources))

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional
 
 from medvqa.config import Config, LoraConfig, ModelConfig
+from medvqa.storage import StoragePath, local_copy
 
 if TYPE_CHECKING:
     import torch
@@ -267,14 +268,17 @@ def load_model(cfg: Config, use_gpu: bool = False, stage1_adapter: Optional[str]
                handoff: Optional[Literal["continue", "merge"]] = None, device_map=None):
     """The PeftModel to train (see the module docstring for the three cases).
 
-    ``stage1_adapter``: folder written by ``save_adapter`` at the end of stage 1; ``handoff`` defaults to
-    ``cfg.run.handoff``. Seed torch before calling: a fresh LoRA's A matrices are drawn from torch's global RNG.
+    ``stage1_adapter``: folder (or URI: ``medvqa.storage.local_copy`` fetches it) written by ``save_adapter`` at
+    the end of stage 1; ``handoff`` defaults to ``cfg.run.handoff``. Seed torch before calling: a fresh LoRA's A
+    matrices are drawn from torch's global RNG.
     Only LoRA parameters of the trainable adapter require grad; the summary is logged.
     """
     from peft import PeftModel, get_peft_model
 
     base = load_base_model(cfg.model, use_gpu, device_map=device_map, training=True)
     handoff = handoff or cfg.run.handoff
+    if stage1_adapter is not None:
+        stage1_adapter = str(local_copy(stage1_adapter))
     if stage1_adapter is None:
         model = get_peft_model(base, build_lora_config(cfg.lora))
     elif handoff == "continue":
@@ -309,20 +313,21 @@ def load_inference_model(cfg: Config, adapters: Mapping[str, str] | Sequence[str
                          device_map=None):
     """Frozen model in eval mode for generation: the base model alone when ``adapters`` is empty (the baseline),
     else a PeftModel with every adapter loaded and active together (in the given order). ``adapters``: name ->
-    folder, or folders (named after the folder). Same precision and quantization as training."""
+    folder, or folders (named after the folder); a URI is fetched by ``medvqa.storage.local_copy``. Same precision
+    and quantization as training."""
     from peft import PeftModel
 
     base = load_base_model(cfg.model, use_gpu, device_map=device_map, training=False)
     if not adapters:
         return base
     if not isinstance(adapters, Mapping):
-        names = [Path(p).name for p in adapters]
+        names = [StoragePath(p).name for p in adapters]
         names = names if len(set(names)) == len(names) else [f"adapter{i}" for i in range(len(adapters))]
         adapters = dict(zip(names, adapters))
     (first, first_path), *rest = adapters.items()
-    model = PeftModel.from_pretrained(base, str(first_path), adapter_name=first, is_trainable=False)
+    model = PeftModel.from_pretrained(base, str(local_copy(first_path)), adapter_name=first, is_trainable=False)
     for name, path in rest:
-        model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        model.load_adapter(str(local_copy(path)), adapter_name=name, is_trainable=False)
     model.base_model.set_adapter(list(adapters), inference_mode=True)
     model.active_adapter = list(adapters)[-1]
     model.eval()
@@ -330,13 +335,14 @@ def load_inference_model(cfg: Config, adapters: Mapping[str, str] | Sequence[str
     return model
 
 
-def run_adapters(cfg: Config, adapters_dir: str | Path) -> dict[str, str]:
+def run_adapters(cfg: Config, adapters_dir: str | os.PathLike) -> dict[str, str]:
     """Adapters that make up a trained run's final model, in load order: the last stage's adapter, preceded by the
-    stage-1 adapter when stage 2 was trained with ``handoff='merge'``. ``adapters_dir``: the run's ``adapters/``."""
+    stage-1 adapter when stage 2 was trained with ``handoff='merge'``. ``adapters_dir``: the run's ``adapters/`` (a
+    path or URI; so are the values)."""
     names = [name for name, _ in cfg.stages()]
-    if names == ["stage1", "stage2"] and cfg.run.handoff == "merge":
-        return {n: str(Path(adapters_dir) / n) for n in names}
-    return {names[-1]: str(Path(adapters_dir) / names[-1])}
+    if names != ["stage1", "stage2"] or cfg.run.handoff != "merge":
+        names = names[-1:]
+    return {n: str(StoragePath(adapters_dir) / n) for n in names}
 
 
 def trainable_adapter(model) -> str:

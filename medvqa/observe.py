@@ -21,6 +21,7 @@ from typing import Iterable, Iterator, Mapping
 
 from medvqa import console, telemetry, tracking
 from medvqa.runs import RunDir, append_metrics, run_dir_for, run_id
+from medvqa.storage import StoragePath, mirrored_file
 
 log = logging.getLogger("medvqa.observe")
 _failed: set[str] = set()
@@ -30,13 +31,13 @@ def record(run_dir: RunDir | str | Path, rec: dict) -> None:
     """Append ``rec`` to the run's metrics.jsonl and pass it on (``on_record``)."""
     rec = {**rec, "time": rec.get("time", time.time())}
     append_metrics(run_dir, rec)
-    on_record(Path(run_dir), rec)
+    on_record(run_dir, rec)
 
 
-def on_record(run_dir: str | Path, record: Mapping) -> None:
+def on_record(run_dir: RunDir | str | Path | StoragePath, record: Mapping) -> None:
     """A metrics.jsonl record to MLflow (if the run is tracked), the Ray metrics and the driver's progress board.
     Never raises: observing a run must not break it."""
-    run_dir = Path(run_dir)
+    run_dir = StoragePath(run_dir)
     for name, fn in (("mlflow", tracking.log_record), ("ray metrics", _telemetry), ("progress", _publish)):
         try:
             fn(run_dir, record)
@@ -46,11 +47,11 @@ def on_record(run_dir: str | Path, record: Mapping) -> None:
                 log.warning("%s: could not record a metrics line (%s: %s)", name, type(e).__name__, e)
 
 
-def _telemetry(run_dir: Path, record: Mapping) -> None:
+def _telemetry(run_dir: StoragePath, record: Mapping) -> None:
     telemetry.record_training(run_dir.name, record)
 
 
-def _publish(run_dir: Path, record: Mapping) -> None:
+def _publish(run_dir: StoragePath, record: Mapping) -> None:
     if telemetry.active():
         console.publish(run_dir.name, record)
 
@@ -86,7 +87,7 @@ def tracked(cfg, run_dir: RunDir | Path, tags: Mapping[str, str] | None = None,
             parent: Mapping | None = None) -> Iterator[dict | None]:
     """The MLflow run of ``run_dir`` (when ``run.tracking=mlflow``) for the duration of the block: RUNNING inside,
     then FINISHED, FAILED or KILLED (Ctrl-C); the adapters are uploaded at the end with ``run.tracking_adapters``."""
-    rd = Path(run_dir)
+    rd = StoragePath(run_dir)
     session = tracking.start_run(cfg, rd, tags=tags, parent=parent)
     status = "FAILED"
     try:
@@ -108,10 +109,11 @@ def session(cfg, command: str, preset: str | None = None, terminal=None,
     and our log lines on the terminal (everything with ``run.verbose``), the run tracked in MLflow. A failure prints
     its cause and the log's path, and is re-raised. ``shutdown_ray``: disconnect from Ray at the end, while output
     still goes to the log (Ray prints the worker lines it held back for de-duplication when it disconnects; a
-    command's process would otherwise print them at exit)."""
+    command's process would otherwise print them at exit). With the run in object storage the log is written to a
+    local file and uploaded when the command ends (``storage.mirrored_file``)."""
     rd = run_dir_for(cfg)
     log_path = rd.logs / f"{command}.log"
-    with console.calm(log_path, cfg.run.verbose, terminal) as con:
+    with mirrored_file(log_path) as local_log, console.calm(local_log, cfg.run.verbose, terminal) as con:
         watcher = console.BoardWatcher(con, rd.name).start() if con is not None else None
         try:
             with tracked(cfg, rd, tags={"medvqa.preset": preset or "", "medvqa.command": command}):

@@ -16,16 +16,16 @@ stays where it was.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import shutil
 import uuid
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import pandas as pd
 
 from medvqa.runs import write_json
+from medvqa.storage import StoragePath
 
 #: the question columns of a prediction row (plus ``model``); with the answers, every column of a cell parquet
 QUESTION_COLUMNS = ("condition", "question_id", "image_id_shown", "true_image_id", "prompt", "true_answer",
@@ -40,10 +40,11 @@ def _sha256(obj) -> str:
 
 
 def adapter_hash(folder: str | os.PathLike) -> str:
-    """sha256 of an adapter folder's files (relative names and bytes): its content, wherever it lives."""
+    """sha256 of an adapter folder's files (relative names and bytes): its content, wherever it lives (a folder or
+    a URI)."""
     h = hashlib.sha256()
-    root = Path(folder)
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    root = StoragePath(folder)
+    for f in sorted(root.rglob_files(), key=lambda f: f.relative_to(root).parts):
         h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
 
@@ -68,15 +69,21 @@ def cell_key(produced_by: Mapping, rows: Sequence[Mapping]) -> str:
     return _sha256({"producer": produced_by, "questions": questions})[:_KEY_CHARS]
 
 
-def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    """Atomic: a crash never leaves a half-written file that a resume would take as done."""
+def _write_parquet(df: pd.DataFrame, path: StoragePath) -> None:
+    """Atomic (``StoragePath.write_bytes``): a crash never leaves a half-written file that a resume would take as
+    done."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    pq.write_table(pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False), tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False), buf)
+    path.write_bytes(buf.getvalue())
+
+
+def read_frame(path: str | os.PathLike, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """A parquet file (a cell, a part) from a folder or a URI, as a DataFrame."""
+    sp = StoragePath(path)
+    return pd.read_parquet(sp.path, filesystem=sp.fs, columns=list(columns) if columns else None)
 
 
 class CellWriter:
@@ -90,7 +97,7 @@ class CellWriter:
 
     def __init__(self, out_dir: str | os.PathLike, model: str, cells: Mapping[str, Sequence[Mapping]],
                  produced_by: Mapping):
-        self.out_dir, self.model, self.cells = Path(out_dir), model, cells
+        self.out_dir, self.model, self.cells = StoragePath(out_dir), model, cells
         self.keys = {c: cell_key(produced_by, rows) for c, rows in cells.items()}
         self.done: dict[str, set[str]] = {}  # condition -> question ids in parts (unfinished cells only)
         self.finished: list[str] = []  # cells finished before this run
@@ -99,23 +106,23 @@ class CellWriter:
         for c, rows in cells.items():
             if self.path(c).exists():
                 self.finished.append(c)
-                shutil.rmtree(self.parts(c), ignore_errors=True)  # a crash between finishing and the clean-up
+                self.parts(c).rmtree()  # a crash between finishing and the clean-up
                 continue
             if not self.path(c).with_suffix(".json").exists():
                 write_json(self.path(c).with_suffix(".json"), {"model": model, "condition": c, "key": self.keys[c],
                                                                "n_questions": len(rows), "producer": produced_by})
-            have = {q for f in sorted(self.parts(c).glob("*.parquet"))
-                    for q in pd.read_parquet(f, columns=["question_id"])["question_id"]}
+            have = {q for f in self.parts(c).glob("*.parquet")
+                    for q in read_frame(f, columns=["question_id"])["question_id"]}
             self.done[c] = have
             self.reused_rows[c] = len(have)
             if len(have) == len(rows):
                 self._finalize(c)
 
-    def path(self, condition: str) -> Path:
+    def path(self, condition: str) -> StoragePath:
         """The finished cell's parquet."""
         return self.out_dir / "predictions" / self.model / condition / f"{self.keys[condition]}.parquet"
 
-    def parts(self, condition: str) -> Path:
+    def parts(self, condition: str) -> StoragePath:
         """Where the cell's streamed batches accumulate until it is complete."""
         return self.path(condition).with_suffix(".parts")
 
@@ -132,10 +139,10 @@ class CellWriter:
                 self._finalize(c)
 
     def _finalize(self, c: str) -> None:
-        df = pd.concat([pd.read_parquet(f) for f in sorted(self.parts(c).glob("*.parquet"))], ignore_index=True)
+        df = pd.concat([read_frame(f) for f in self.parts(c).glob("*.parquet")], ignore_index=True)
         order = [r["question_id"] for r in self.cells[c]]
         df = df.drop_duplicates("question_id").set_index("question_id").loc[order].reset_index()
         _write_parquet(df[list(CELL_COLUMNS)], self.path(c))
-        shutil.rmtree(self.parts(c), ignore_errors=True)
+        self.parts(c).rmtree()
         del self.done[c]
         self.written.append(c)

@@ -18,6 +18,7 @@ No Ray, no torch: pandas, pyarrow and matplotlib (Agg) only.
 from __future__ import annotations
 
 import html
+import io
 import logging
 import os
 import re
@@ -31,6 +32,7 @@ import pandas as pd
 
 from medvqa.config import dump_yaml, to_dict
 from medvqa.runs import RunDir
+from medvqa.storage import StoragePath, staged
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,7 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def load_metrics(run_dir: str | os.PathLike) -> dict:
-    rd = RunDir(Path(run_dir))
+    rd = RunDir(run_dir)
     if not rd.eval_metrics.exists():
         raise FileNotFoundError(f"{rd.eval_metrics}: no evaluation metrics (run `medvqa eval {run_dir}` first)")
     return rd.read_json(rd.eval_metrics)
@@ -163,12 +165,12 @@ def skipped_rows(metrics: Mapping) -> list[list[str]]:
 def rejects_rows(run_dir: str | os.PathLike, metrics: Mapping) -> list[list[str]]:
     """Every data source of the run with its records kept and rejected, the reasons and the file listing them:
     training's stages (``manifest.json``) and the evaluation's sources (``settings.sources``)."""
-    rd = RunDir(Path(run_dir))
+    rd = RunDir(run_dir)
     manifest = rd.read_json(rd.manifest, default={})
     reasons = lambda r: ", ".join(f"{k} {v}" for k, v in (r or {}).items()) or "—"
     rows = [[f"training: {stage}", f"{m.get('source', '')} {m.get('split', '')} ({m.get('protocol', 'official')})",
              str(m.get("valid", "")), str(m.get("rejected", "")), reasons(m.get("reject_reasons")),
-             os.path.relpath(m["rejects_file"], rd.path) if m.get("rejects_file") else "—"]
+             str(m["rejects_file"]).removeprefix(f"{rd.path}/") if m.get("rejects_file") else "—"]
             for stage, m in manifest.items()]
     for name, src in ((metrics.get("settings") or {}).get("sources") or {}).items():
         skipped = f" (skipped: {src['too_many']})" if src.get("too_many") else ""
@@ -234,7 +236,7 @@ def leakage_section(run_dir: str | os.PathLike, audit: bool = True, metrics: Map
     Never raises."""
     import dataclasses
 
-    rd = RunDir(Path(run_dir))
+    rd = RunDir(run_dir)
     if not rd.config.exists():
         return {"kind": "unknown", "protocol": None, "audit": None, "measured": [],
                 "statement": "No config.yaml: the data and protocol are unknown."}
@@ -286,14 +288,14 @@ def measured_leakage(metrics: Mapping) -> list[str]:
 
 
 def provenance(run_dir: str | os.PathLike) -> dict:
-    rd = RunDir(Path(run_dir).resolve())
+    rd = RunDir(run_dir)
     env = rd.read_json(rd.environment, default={})
     git = env.get("git") or {}
     return {"run_id": rd.name, "run_dir": str(rd),
             "git_commit": git.get("commit") or "unknown", "git_dirty": git.get("dirty"),
             "environment_time": env.get("time"), "packages": env.get("packages") or {},
             "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime()),
-            "config_path": os.path.relpath(rd.config, rd.report),
+            "config_path": f"../{rd.config.name}",  # the report sits in RUN_DIR/report/
             "config_text": dump_yaml(rd.read_config()) if rd.config.exists() else ""}
 
 
@@ -473,7 +475,7 @@ def stage_cost(run_dir: str | os.PathLike, cfg: Mapping | None = None,
     the training loop including its waits for data (each epoch restarts the Ray Data pipeline) and checkpoint saves,
     without model loading and validation (those are in the wall time). Steady throughput is the median window.
     """
-    rd = RunDir(Path(run_dir))
+    rd = RunDir(run_dir)
     if cfg is None:
         cfg = to_dict(rd.read_config()) if rd.config.exists() else {}
     logs = logs if logs is not None else training_log(run_dir)
@@ -530,7 +532,7 @@ def _is_yes_no(answer: Any) -> bool:
     return normalize_answer("" if answer is None else str(answer)) in ("yes", "no")
 
 
-def _image_paths(run_dir: Path, image_ids: set[str], out_dir: Path) -> dict[str, str]:
+def _image_paths(run_dir: str | os.PathLike, image_ids: set[str], out_dir: Path) -> dict[str, str]:
     """image_id -> a path for the clinician: the source file where the record names one, else the test image's
     bytes written to ``out_dir/human_images/`` (path relative to ``out_dir``). Best effort: {} on failure."""
     try:
@@ -562,14 +564,16 @@ def export_human_eval(run_dir: str | os.PathLike, out_csv: str | os.PathLike, re
     """Write the cells a clinician should judge: every non-yes/no question (as the study) of every cell of the
     latest evaluation (``RUN_DIR/eval/metrics.json``; Med-HALT left out), columns ``HUMAN_COLUMNS`` with an empty
     ``clinician_score``. Returns the frame written."""
-    run_dir, out_csv = Path(run_dir), Path(out_csv)
+    from medvqa.predictions import read_frame
+
+    out_csv = Path(out_csv)
     rd = RunDir(run_dir)
     cells = (load_metrics(run_dir).get("settings") or {}).get("cells") or {}
     frames = []
     for model, condition, rel in sorted((m, c, p) for m, cs in cells.items() for c, p in cs.items()):
         if condition in skip_conditions:
             continue
-        df = pd.read_parquet(rd.eval / rel)
+        df = read_frame(rd.eval / rel)
         df = df[[not _is_yes_no(a) for a in df["true_answer"]]]
         frames.append(pd.DataFrame({
             "model": df.get("model", pd.Series([model] * len(df), index=df.index)).fillna(model).astype(str),
@@ -591,10 +595,10 @@ def read_human_eval(filled_csv: str | os.PathLike, allowed: Sequence[int] = HUMA
     """A filled export, validated: required columns, unique (model, condition, question_id), every
     ``clinician_score`` one of ``allowed`` (blank = not judged, dropped). Raises ``HumanEvalError`` naming the bad
     rows (1-based data rows, as a spreadsheet shows them after the header: row 2 is the first)."""
-    path = Path(filled_csv)
+    path = StoragePath(filled_csv)
     if not path.exists():
         raise FileNotFoundError(path)
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df = pd.read_csv(io.StringIO(path.read_text()), dtype=str, keep_default_na=False)
     missing = [c for c in ("model", "condition", "question_id", "clinician_score") if c not in df.columns]
     if missing:
         raise HumanEvalError(f"{path}: missing column(s) {missing}")
@@ -632,11 +636,7 @@ def merge_human_eval(run_dir: str | os.PathLike, filled_csv: str | os.PathLike) 
     judged = df[df["clinician_score"].notna()]
     if judged.empty:
         raise HumanEvalError(f"{filled_csv}: no clinician_score filled in")
-    dest = RunDir(Path(run_dir)).human_eval
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".csv.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, dest)
+    RunDir(run_dir).human_eval.write_text(df.to_csv(index=False))  # atomic
     return human_summary(df)
 
 
@@ -772,10 +772,22 @@ def cost_items(stages: Sequence[dict], cells: Sequence[dict]) -> list[tuple[str,
 
 
 def build_report(run_dir: str | os.PathLike, audit: bool = True) -> dict:
-    """Write ``RUN_DIR/report/report.md``, ``report.html`` and ``plots/*.png``. Returns the paths written."""
-    rd = RunDir(Path(run_dir))
+    """Write ``RUN_DIR/report/report.md``, ``report.html`` and ``plots/*.png`` (in object storage: made in a local
+    temp folder, then uploaded). Returns the paths written."""
+    report = RunDir(run_dir).report
+    with staged(report) as out_dir:
+        out = _write_report(run_dir, out_dir, audit)
+
+    def where(written: str) -> str:  # where a file written into out_dir ends up
+        return str(report / Path(written).relative_to(out_dir).as_posix())
+
+    return {**out, "markdown": where(out["markdown"]), "html": where(out["html"]),
+            "plots": [where(p) for p in out["plots"]]}
+
+
+def _write_report(run_dir: str | os.PathLike, out_dir: Path, audit: bool) -> dict:
+    rd = RunDir(run_dir)
     metrics = load_metrics(run_dir)
-    out_dir = rd.report
     plots = out_dir / "plots"
     prov = provenance(run_dir)
     leak = leakage_section(run_dir, audit=audit, metrics=metrics)

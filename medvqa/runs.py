@@ -18,8 +18,8 @@ Fields left out of the hash (``ID_EXCLUDED``) are the ones that cannot change th
 - ``model.cache_dir``: where the tiny model is built and cached (the tiny model is a function of ``model.seed``,
   which is hashed).
 - ``resources.cpus_per_worker``, ``resources.data_cpus_per_task``, ``resources.data_concurrency``,
-  ``resources.num_cpus``, ``resources.gpus_per_worker``, ``resources.worker_resources``: CPU and GPU scheduling and
-  placement only (a worker on a quarter of a GPU computes what it computes on a whole one).
+  ``resources.num_cpus``, ``resources.gpus_per_worker``, ``resources.worker_resource``: scheduling only (a worker on
+  a quarter of a GPU computes what it computes on a whole one; which node it runs on changes nothing).
 - ``eval``: evaluation settings cannot change the trained weights; the predictions are keyed by what produced them
   (``medvqa.predictions``), not by the run id.
 
@@ -35,11 +35,13 @@ readable (``from_dict`` fills defaults) but a re-submission starts a new run.
 
 Layout (``RunDir``)::
 
-    <output_dir>/<run_id>/    (a relative output_dir is taken relative to $MEDVQA_RUNS_BASE when set, else the cwd)
+    <output_dir>/<run_id>/    (output_dir: a folder or a URI, s3://bucket/runs (medvqa.storage); a relative one is
+                              taken relative to $MEDVQA_RUNS_BASE when set, else the cwd)
       config.yaml          resolved config (re-written on resume; only hashed fields must match)
       environment.json     python, platform, package versions, code version (git / source hash), CUDA if known;
                            ``workers``: per stage, each Train worker's host, GPU, capability and CUDA version
-      metrics.jsonl        one JSON object per line, each with a wall-clock ``time`` (seconds since the epoch)
+      metrics.jsonl        one JSON object per line, each with a wall-clock ``time`` (seconds since the epoch);
+      metrics/             in object storage (no append) the same records as parts, one writer each
       manifest.json        run-level manifest (stage data manifests live in data/<stage>/manifest.json)
       stages.json          per-stage summaries written by the training driver
       data/<stage>/        prepared, validated records (parquet) + manifest.json
@@ -51,8 +53,8 @@ Layout (``RunDir``)::
       logs/<command>.log   everything a calm console keeps off the terminal (Ray output, worker logs, tracebacks)
       tracking.json        MLflow tracking URI and run id of this run (when run.tracking=mlflow)
 
-Every path of a run directory, and every read or write of its config and JSON files, goes through ``RunDir``.
-This module imports neither torch nor ray.
+Every path of a run directory, and every read or write of its config and JSON files, goes through ``RunDir``, on
+whatever storage the run lives (``medvqa.storage``). This module imports neither torch nor ray.
 """
 
 from __future__ import annotations
@@ -64,8 +66,9 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -75,6 +78,7 @@ from typing import Any
 import yaml
 
 from medvqa.config import Config, ConfigError, dump_yaml, from_dict, to_dict
+from medvqa.storage import StoragePath, is_uri
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +100,9 @@ ID_EXCLUDED: tuple[str, ...] = (
     "resources.data_cpus_per_task",
     "resources.data_concurrency",
     "resources.num_cpus",
+    "resources.worker_resource",
     "eval",
     "resources.gpus_per_worker",
-    "resources.worker_resources",
 )
 """Dotted config keys that do not enter the run id (see the module docstring for why)."""
 
@@ -145,18 +149,22 @@ def run_id(cfg: Config) -> str:
 
 @dataclass(frozen=True)
 class RunDir:
-    """One run directory: its paths, and reading and writing its config and JSON files. ``os.fspath(rd)``,
-    ``Path(rd)`` and ``rd / "x"`` work on ``rd.path``."""
+    """One run directory, local or in object storage (``medvqa.storage``): its paths, and reading and writing its
+    config and JSON files. ``path`` and every path below are ``StoragePath``s; ``RunDir(x)`` takes a local path, a
+    URI or a ``StoragePath``. For a local run ``os.fspath(rd)``, ``Path(rd)`` work; ``rd / "x"`` works for both."""
 
-    path: Path
+    path: StoragePath
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", StoragePath(self.path))
 
     def __fspath__(self) -> str:
-        return str(self.path)
+        return os.fspath(self.path)
 
     def __str__(self) -> str:
         return str(self.path)
 
-    def __truediv__(self, other: str | os.PathLike) -> Path:
+    def __truediv__(self, other: str | os.PathLike) -> StoragePath:
         return self.path / other
 
     @property
@@ -164,32 +172,38 @@ class RunDir:
         return self.path.name
 
     @property
-    def config(self) -> Path:
+    def config(self) -> StoragePath:
         return self.path / "config.yaml"
 
     @property
-    def metrics(self) -> Path:
+    def metrics(self) -> StoragePath:
+        """``metrics.jsonl`` of a local run; in object storage the records are parts under ``metrics_parts``."""
         return self.path / "metrics.jsonl"
 
     @property
-    def manifest(self) -> Path:
+    def metrics_parts(self) -> StoragePath:
+        """``metrics/``: metrics.jsonl as JSON-lines parts, one writer each (object storage has no append)."""
+        return self.path / METRICS_PARTS
+
+    @property
+    def manifest(self) -> StoragePath:
         return self.path / "manifest.json"
 
     @property
-    def environment(self) -> Path:
+    def environment(self) -> StoragePath:
         return self.path / "environment.json"
 
     @property
-    def stages_summary(self) -> Path:
+    def stages_summary(self) -> StoragePath:
         return self.path / "stages.json"
 
     @property
-    def eval(self) -> Path:
+    def eval(self) -> StoragePath:
         """The evaluation matrix's folder (``evaluate.run_matrix``'s ``out_dir``)."""
         return self.path / "eval"
 
     @property
-    def eval_metrics(self) -> Path:
+    def eval_metrics(self) -> StoragePath:
         return self.eval / "metrics.json"
 
     def eval_rejects(self, source: str) -> Path:
@@ -198,37 +212,37 @@ class RunDir:
         return self.eval / "rejects" / f"{source}.jsonl"
 
     @property
-    def report(self) -> Path:
+    def report(self) -> StoragePath:
         return self.path / "report"
 
     @property
-    def human_eval(self) -> Path:
+    def human_eval(self) -> StoragePath:
         """Clinician scores merged by ``medvqa human-merge``."""
         return self.report / "human_eval.csv"
 
     @property
-    def logs(self) -> Path:
+    def logs(self) -> StoragePath:
         """Per-command logs (``train.log``): everything the calm console keeps off the terminal (medvqa.console)."""
         return self.path / "logs"
 
-    def checkpoints(self, stage: str | None = None) -> Path:
+    def checkpoints(self, stage: str | None = None) -> StoragePath:
         """``checkpoints/`` (Ray Train ``storage_path``) or ``checkpoints/<stage>/`` (its run ``name``)."""
         return self.path / "checkpoints" / stage if stage else self.path / "checkpoints"
 
-    def adapters(self, stage: str | None = None) -> Path:
+    def adapters(self, stage: str | None = None) -> StoragePath:
         """``adapters/`` or ``adapters/<stage>/``."""
         return self.path / "adapters" / stage if stage else self.path / "adapters"
 
     adapter = adapters  # singular alias
 
-    def data(self, stage: str) -> Path:
+    def data(self, stage: str) -> StoragePath:
         return self.path / "data" / stage
 
-    def rejects(self, stage: str) -> Path:
+    def rejects(self, stage: str) -> StoragePath:
         """A folder of ``part-*.jsonl`` files (one per validation batch, so a retried Ray task overwrites its own)."""
         return self.path / "rejects" / stage
 
-    def subdirs(self) -> list[Path]:
+    def subdirs(self) -> list[StoragePath]:
         return [self.path / d for d in ("checkpoints", "adapters", "data", "rejects")]
 
     def read_config(self, overrides: Sequence[str] = ()) -> Config:
@@ -238,29 +252,35 @@ class RunDir:
         return from_dict(yaml.safe_load(self.config.read_text()) or {}, overrides)
 
     def write_config(self, cfg: Config) -> None:
-        _write_text_atomic(self.config, dump_yaml(cfg))
+        self.config.write_text(dump_yaml(cfg))
 
-    def read_json(self, path: Path, default: Any = _MISSING) -> Any:
+    def read_json(self, path: StoragePath, default: Any = _MISSING) -> Any:
         """A JSON file of this run (``path``: one of its paths); ``default`` (if given) when it does not exist."""
         return read_json(path, default)
 
-    def write_json(self, path: Path, obj: Any) -> None:
+    def write_json(self, path: StoragePath, obj: Any) -> None:
         write_json(path, obj)
 
 
 RUNS_BASE_ENV = "MEDVQA_RUNS_BASE"
-"""Base folder for a relative ``run.output_dir`` (default: the current directory). cluster/start_local.sh sets it to
-the checkout, so a job submitted with ``--working-dir .`` writes ``runs/`` into the checkout rather than into Ray's
-temporary copy of it; on a real cluster set it (runtime_env env_vars) to shared persistent storage."""
+"""Base for a relative ``run.output_dir`` (default: the current directory): a folder or a URI
+(``s3://bucket``). cluster/start_local.sh sets it to the checkout, so a job submitted with ``--working-dir .`` writes
+``runs/`` into the checkout rather than into Ray's temporary copy of it; on a real cluster set it (runtime_env
+env_vars) to shared persistent storage, e.g. ``s3://medvqa-bucket``."""
 
 
-def output_root(output_dir: str) -> Path:
-    """An output folder (``run.output_dir``, a sweep's ``output_dir``) as an absolute path: a relative one is taken
-    relative to ``$MEDVQA_RUNS_BASE`` when set, else to the current directory."""
+def output_root(output_dir: str) -> StoragePath:
+    """An output folder (``run.output_dir``, a sweep's ``output_dir``) as an absolute location: a URI as it is; a
+    relative path below ``$MEDVQA_RUNS_BASE`` (a folder or a URI) when set, else below the current directory."""
+    if is_uri(output_dir):
+        return StoragePath(output_dir)
     out = Path(output_dir).expanduser()
-    if not out.is_absolute() and os.environ.get(RUNS_BASE_ENV):
-        out = Path(os.environ[RUNS_BASE_ENV]).expanduser() / out
-    return out.resolve()
+    base = os.environ.get(RUNS_BASE_ENV)
+    if not out.is_absolute() and base:
+        if is_uri(base):
+            return StoragePath(base) / out.as_posix()
+        out = Path(base).expanduser() / out
+    return StoragePath(out.resolve())
 
 
 def run_dir_for(cfg: Config) -> RunDir:
@@ -268,7 +288,7 @@ def run_dir_for(cfg: Config) -> RunDir:
     return RunDir(output_root(cfg.run.output_dir) / run_id(cfg))
 
 
-def _warn_if_ephemeral(path: Path) -> None:
+def _warn_if_ephemeral(path: StoragePath) -> None:
     # Under `ray job submit --working-dir`, the driver's cwd is Ray's unpacked copy of the working dir inside the Ray
     # temp dir (…/runtime_resources/working_dir_files/_ray_pkg_<hash>/): a relative output_dir lands there and is
     # deleted with the session.
@@ -286,9 +306,8 @@ def prepare_run_dir(cfg: Config) -> RunDir:
     """
     rd = run_dir_for(cfg)
     _warn_if_ephemeral(rd.path)
-    rd.path.mkdir(parents=True, exist_ok=True)
     for d in rd.subdirs():
-        d.mkdir(exist_ok=True)
+        d.mkdir()  # local folders; object storage has none (a prefix exists once an object lies under it)
 
     if rd.config.exists():
         try:
@@ -390,12 +409,15 @@ def environment() -> dict:
 
 
 def worker_facts(device, rank: int = 0) -> dict:
-    """What one Train worker ran on, for environment.json's ``workers``: host, rank, device, torch and the CUDA it was
-    built for, and on a CUDA ``device`` the GPU's name, compute capability, memory and the driver-visible GPUs. Reads
+    """What one Train worker ran on, for environment.json's ``workers``: host, Ray node id, rank, device, torch and the
+    CUDA it was built for, and on a CUDA ``device`` the GPU's name, compute capability, memory and the driver-visible GPUs. Reads
     torch from ``sys.modules`` (a worker has imported it)."""
     torch = sys.modules["torch"]
     facts: dict[str, Any] = {"hostname": platform.node(), "rank": rank, "device": str(device),
                              "torch": torch.__version__, "cuda": torch.version.cuda}
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        facts["node_id"] = ray.get_runtime_context().get_node_id()
     if str(device).startswith("cuda"):
         props = torch.cuda.get_device_properties(device)
         facts.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
@@ -448,8 +470,11 @@ def _write_environment(rd: RunDir) -> None:
 # ------------------------------------------------------------------------------------------------------- files
 
 
-def _as_path(run_dir: RunDir | str | os.PathLike) -> Path:
-    return run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir)
+METRICS_PARTS = "metrics"
+"""metrics.jsonl in object storage: a folder of JSON-lines parts (see ``append_metrics``)."""
+_PART_BYTES = 256 * 2**10  # a part is rewritten whole on every append: roll over to a new one past this size
+_parts_lock = threading.Lock()
+_parts: dict[tuple[str, int], list] = {}  # (metrics folder, pid) -> [part name, its lines, their bytes]
 
 
 def append_metrics(run_dir: RunDir | str | os.PathLike, record: dict) -> None:
@@ -457,27 +482,52 @@ def append_metrics(run_dir: RunDir | str | os.PathLike, record: dict) -> None:
     loop and driver write through ``medvqa.observe.record``, which also passes the record on (MLflow, Ray metrics,
     progress bars).
 
-    One ``write`` on an ``O_APPEND`` descriptor, so lines from the driver and a Train worker do not interleave."""
-    path = _as_path(run_dir) / "metrics.jsonl"
+    Local: one ``write`` on an ``O_APPEND`` descriptor, so lines from the driver and a Train worker do not interleave.
+    Object storage has no append: each process writes its own part objects ``metrics/<ns>-<host>-<pid>-<id>.jsonl``,
+    re-uploading its current part whole on every record (one PUT, atomic) and starting a new part past 256 KiB. A
+    record is stored once the call returns, as with the local file; no two processes write the same object, so no
+    write is lost; ``read_metrics`` merges the parts by ``time``."""
+    rd = RunDir(run_dir)
     line = json.dumps({**record, "time": record.get("time", time.time())}, default=str) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)  # unbuffered: the line is in the file once write returns
+    if rd.path.is_local:
+        fd = os.open(rd.metrics.local, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)  # unbuffered: the line is in the file once write returns
+        return
+    folder = rd.metrics_parts
+    with _parts_lock:
+        key = (folder.uri, os.getpid())
+        part = _parts.get(key)
+        if part is None or (part[2] + len(line) > _PART_BYTES and part[1]):
+            name = f"{time.time_ns():020d}-{platform.node()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+            part = _parts[key] = [name, [], 0]
+        part[1].append(line)
+        part[2] += len(line)
+        (folder / part[0]).write_text("".join(part[1]))
 
 
 def read_metrics(run_dir: RunDir | str | os.PathLike, superseded: bool = False) -> list[dict]:
     """The records of ``metrics.jsonl`` in order ([] when there is none): what every reader of training metrics
-    (curves, reports, sweep scores) goes through. A torn last line (a crash mid-write) is skipped with a warning.
+    (curves, reports, sweep scores) goes through. A torn last line (a crash mid-write) is skipped with a warning. In
+    object storage (parts under ``metrics/``, also read when a run directory was copied to disk) the records of all
+    parts are merged in ``time`` order: across nodes that order is as good as their clocks (NTP keeps them within
+    milliseconds; a resumed worker starts seconds after its predecessor died).
 
     Rows superseded by a resume are left out unless ``superseded``: each start of a stage's training writes
     ``{"event": "train_start", "stage": S, "step": k}`` (k: the restored checkpoint's step, 0 for a fresh start), and
     the steps after k were trained again, so earlier rows of stage S with a step past k (losses, validation rounds,
     checkpoints of the interrupted attempt) are dropped. The file itself stays append-only -- the full history of
     attempts, faults and resumes is kept, and no reader races a writer -- and every step appears once here."""
+    rd = RunDir(run_dir)
+    rows = read_jsonl(rd.metrics)
+    part_files = rd.metrics_parts.glob("*.jsonl")
+    if part_files:
+        rows += [r for f in part_files for r in read_jsonl(f)]
+        rows.sort(key=lambda r: r.get("time") or 0)  # stable: a part's own order is kept
     records: list[dict] = []
-    for record in read_jsonl(_as_path(run_dir) / "metrics.jsonl"):
+    for record in rows:
         if record.get("event") == "train_start" and not superseded:
             stage, step = record.get("stage"), record.get("step", 0)
             records = [r for r in records if r.get("stage") != stage or r.get("step", -1) <= step]
@@ -485,11 +535,11 @@ def read_metrics(run_dir: RunDir | str | os.PathLike, superseded: bool = False) 
     return records
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
+def read_jsonl(path: str | os.PathLike | StoragePath) -> list[dict]:
     """The records of a JSON-lines file in order ([] when there is none); a line that is not JSON (torn by a crash
     mid-write) is skipped with a warning."""
-    path = Path(path)
-    if not path.exists():
+    path = StoragePath(path)
+    if not path.is_file():
         return []
     records = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -504,29 +554,15 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_json(path: str | os.PathLike | StoragePath, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (a temp file renamed in place locally, one PUT in object storage): a reader
+    never sees half a file."""
+    StoragePath(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON atomically (temp file in the same folder + rename): a reader never sees half a file."""
-    _write_text_atomic(Path(path), json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def read_json(path: str | os.PathLike, default: Any = _MISSING) -> Any:
+def read_json(path: str | os.PathLike | StoragePath, default: Any = _MISSING) -> Any:
     """Parsed JSON at ``path``; ``default`` (if given) when the file does not exist."""
-    path = Path(path)
+    path = StoragePath(path)
     if default is not _MISSING and not path.exists():
         return default
     return json.loads(path.read_text())

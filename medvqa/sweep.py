@@ -9,7 +9,9 @@ trial (e.g. the validation carve), the parameters to sample (dotted config keys:
   ``<sweep_dir>/runs/trial-<trial_id>-<hash>``;
 - samples with ``OptunaSearch`` (seeded TPE) whose study is persisted to ``<sweep_dir>/optuna.db`` (open it with
   ``optuna-dashboard sqlite:///<sweep_dir>/optuna.db``), under a ``ConcurrencyLimiter`` derived from the cluster's
-  GPUs (or CPUs on a CPU-only cluster);
+  GPUs (or CPUs on a CPU-only cluster). A sweep directory in object storage (``output_dir=s3://…``) cannot hold a
+  SQLite file: there the study lives in memory and is checkpointed with the searcher's state by Tune into
+  ``<sweep_dir>/tune/`` (as every searcher is), and ``Tuner.restore`` brings it back, from any machine;
 - stops poor trials with ASHA on the stage-2 validation metric, reported once per validation round (``val_round``,
   by default every stage-2 epoch) on a validation split carved from the training split
   (``stage2.data.validation_fraction``): never the test split;
@@ -45,6 +47,7 @@ import yaml
 
 from medvqa.config import ConfigError, load_config, named_yaml
 from medvqa.runs import output_root, read_json, run_dir_for, write_json
+from medvqa.storage import StoragePath
 from medvqa.sweep_report import TRIAL_LINK, validation_rounds, write_report
 
 log = logging.getLogger("medvqa.sweep")
@@ -71,7 +74,7 @@ class SweepSpace:
     tpe_startup_trials: int = 4  # random trials before TPE models the space (Optuna's default is 10)
     asha: dict | None = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2})
     report: dict = field(default_factory=lambda: {"x": "stage1.data.limit", "line": "lora.r"})
-    output_dir: str = "sweeps"  # relative: under $MEDVQA_RUNS_BASE when set, else the cwd
+    output_dir: str = "sweeps"  # a folder or URI (s3://…); relative: under $MEDVQA_RUNS_BASE when set, else the cwd
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -192,7 +195,7 @@ def space_hash(space: SweepSpace) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def sweep_dir_for(space: SweepSpace) -> Path:
+def sweep_dir_for(space: SweepSpace) -> StoragePath:
     return output_root(space.output_dir) / f"{space.name}-{space_hash(space)}"
 
 
@@ -370,17 +373,19 @@ def trial_fn(params: dict, space: dict, sweep_dir: str) -> None:
     sp = SweepSpace(**space)
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
+    sdir = StoragePath(sweep_dir)
     points = replicate_points(sp)
     cfgs = {replicate_label(p): trial_config(sp, {**params, **p},
                                              "-".join([f"trial-{trial_id}", *(f"{k.rsplit('.', 1)[-1]}{v}"
                                                                               for k, v in p.items())]),
-                                             str(Path(sweep_dir) / "runs"))
+                                             str(sdir / "runs"))
             for p in points}
     runs = {label: str(run_dir_for(cfg).path) for label, cfg in cfgs.items()}
     log.info("trial %s: %s x %d replicate(s) -> %s", trial_id, params, len(points), runs)
-    # The report reads a trial's numbers from its run directories (metrics.jsonl), found through this link.
-    write_json(Path(ctx.get_trial_dir()) / TRIAL_LINK, {"trial_id": trial_id, "runs": runs,
-                                                        "replicates": {replicate_label(p): p for p in points}})
+    # The report reads a trial's numbers from its run directories (metrics.jsonl), found through this link, written
+    # into the trial's folder in the sweep's storage (get_trial_dir() is a local staging folder of this node).
+    write_json(sdir / "tune" / Path(ctx.get_trial_dir()).name / TRIAL_LINK,
+               {"trial_id": trial_id, "runs": runs, "replicates": {replicate_label(p): p for p in points}})
     parent = read_session(sweep_dir)
 
     def train(cfg) -> None:  # each replicate is an MLflow child run of the sweep
@@ -390,7 +395,7 @@ def trial_fn(params: dict, space: dict, sweep_dir: str) -> None:
     run_replicates(cfgs, sp.metric, lambda result: tune.report({**result, "trial_id": trial_id}), train=train)
 
 
-def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool = True) -> Path:
+def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool = True) -> StoragePath:
     """Run (or continue) the sweep; returns its directory. Re-running with the same space restores it."""
     import ray
     from ray import tune
@@ -404,7 +409,7 @@ def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool =
     from medvqa.ray_init import init_ray
 
     sdir = sweep_dir_for(space)
-    sdir.mkdir(parents=True, exist_ok=True)
+    sdir.mkdir()
     (sdir / "space.yaml").write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
     base = space.base_config()
     resolve_model_path(base.model)  # build the tiny model once, before trials race for it
@@ -422,8 +427,10 @@ def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool =
 
         concurrent = max_concurrent_trials(space, ray.cluster_resources(), cluster_max_resources())
         sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.tpe_startup_trials)
+        # SQLite cannot live in a bucket: there the study is in memory, checkpointed with the searcher (module doc).
+        storage = optuna.storages.RDBStorage(f"sqlite:///{sdir / 'optuna.db'}") if sdir.is_local else None
         searcher = OptunaSearch(metric=space.metric, mode=space.mode, sampler=sampler, study_name=space.name,
-                                storage=optuna.storages.RDBStorage(f"sqlite:///{sdir / 'optuna.db'}"))
+                                storage=storage)
         if space.asha is None:
             scheduler = FIFOScheduler()
         else:
@@ -447,8 +454,8 @@ def run_sweep(space: SweepSpace, ray_temp_dir: str | None = None, report: bool =
         log.warning("sweep %s: %d trial(s) failed; first error: %s", space.name, len(errors), errors[0])
     if report:
         write_report(sdir)
-    ended = [d for r in results if not r.error and r.path
-             for d in read_json(Path(r.path) / TRIAL_LINK, {}).get("runs", {}).values()]
+    ended = [d for r in results if not r.error and r.path  # each trial's link in its folder (trial_fn)
+             for d in read_json(sdir / "tune" / Path(r.path).name / TRIAL_LINK, {}).get("runs", {}).values()]
     tracking.end_sweep(sdir, "FAILED" if errors else "FINISHED", sdir / "report", ended)  # the parent, stopped runs
     log.info("sweep done: %s", sdir)
     return sdir

@@ -40,6 +40,7 @@ import yaml
 
 from medvqa.report import fmt, fmt_ci, pyplot, render_sections
 from medvqa.runs import RunDir, read_jsonl, read_metrics
+from medvqa.storage import StoragePath, staged
 
 TRIAL_LINK = "medvqa_run.json"  # in each Tune trial folder (written by sweep.trial_fn): trial id and run directory
 STATUS_ORDER = ("completed", "stopped", "error", "pending")
@@ -57,7 +58,7 @@ def validation_rounds(run_dir: str | os.PathLike) -> list[dict]:
     """A run's stage-2 validation rows from its metrics.jsonl, one per round (the last if a resume repeated one)."""
     if not run_dir:
         return []
-    rounds = {r["val_round"]: r for r in read_metrics(RunDir(Path(run_dir)))
+    rounds = {r["val_round"]: r for r in read_metrics(RunDir(run_dir))
               if r.get("event") == "validation" and r.get("stage") == "stage2"}
     return [rounds[k] for k in sorted(rounds)]
 
@@ -78,14 +79,14 @@ def load_runs(sweep_dir: str | os.PathLike) -> tuple[dict, pd.DataFrame]:
     Parameters and errors come from Tune's trial folders; the scores from the runs' directories (Tune's
     ``result.json`` misses rounds reported just before a kill, the runs' metrics.jsonl do not). A trial whose link
     is not written yet has one row without a run."""
-    sweep_dir = Path(sweep_dir)
+    sweep_dir = StoragePath(sweep_dir)
     space_file = sweep_dir / "space.yaml"
     if not space_file.exists():
         raise FileNotFoundError(f"{space_file}: not a sweep directory (run `medvqa sweep run` first)")
     space = yaml.safe_load(space_file.read_text())
     metric = space["metric"]
     rows = []
-    for params_file in sorted((sweep_dir / "tune").glob("*/params.json")):
+    for params_file in (sweep_dir / "tune").glob("*/params.json"):
         trial_dir = params_file.parent
         params = json.loads(params_file.read_text())
         results = read_jsonl(trial_dir / "result.json")
@@ -216,7 +217,7 @@ def best_preset(space: dict, trials: pd.DataFrame, cells: pd.DataFrame) -> tuple
     best = cells.iloc[0]
     trial_id = best["trial_ids"].split()[0]
     trial = trials[trials["trial_id"] == trial_id].iloc[0]  # its first replicate's run: the replicates reset below
-    cfg = to_dict(RunDir(Path(str(trial["run_dir"]))).read_config())  # FileNotFoundError when the run is gone
+    cfg = to_dict(RunDir(str(trial["run_dir"])).read_config())  # FileNotFoundError when the run is gone
     base = to_dict(load_config(space["preset"]))
     cfg["stage2"]["data"]["validation_fraction"] = base["stage2"]["data"]["validation_fraction"]
     cfg["stage2"]["validate_every_n_steps"] = base["stage2"]["validate_every_n_steps"]
@@ -270,23 +271,29 @@ def plot_curve(space: dict, cells: pd.DataFrame, path: Path) -> Path | None:
 
 
 def write_report(sweep_dir: str | os.PathLike) -> dict:
-    """Write ``<sweep_dir>/report/``; returns the paths written and the best cell."""
-    sweep_dir = Path(sweep_dir)
+    """Write ``<sweep_dir>/report/`` (in object storage: made in a local temp folder, then uploaded); returns the
+    paths written and the best cell."""
+    sweep_dir = StoragePath(sweep_dir)
     space, trials, runs = load_trials(sweep_dir)
     if trials.empty:
         raise ValueError(f"{sweep_dir}: no trials yet")
+    with staged(sweep_dir / "report") as out:
+        return _write_files(sweep_dir, space, trials, runs, out)
+
+
+def _write_files(sweep_dir: StoragePath, space: dict, trials: pd.DataFrame, runs: pd.DataFrame, out: Path) -> dict:
+    """The report's files, written into ``out``; the paths shown and returned are where they end up."""
+    report = sweep_dir / "report"
     metric = space["metric"]
-    out = sweep_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
     trials.to_csv(out / "trials.csv", index=False)
     runs.drop(columns="rounds").to_csv(out / "runs.csv", index=False)
     cells = cell_summary(space, trials, runs)
     imp = importance(space, trials, runs)
     curve = plot_curve(space, cells, out / "curve.png")
     best = best_preset(space, trials, cells)
-    written = {"trials_csv": str(out / "trials.csv"), "runs_csv": str(out / "runs.csv"),
-               "markdown": str(out / "report.md"),
-               "html": str(out / "report.html"), "curve": str(curve) if curve else None, "best_yaml": None,
+    written = {"trials_csv": str(report / "trials.csv"), "runs_csv": str(report / "runs.csv"),
+               "markdown": str(report / "report.md"), "html": str(report / "report.html"),
+               "curve": str(report / "curve.png") if curve else None, "best_yaml": None,
                "best": None, "trials": len(trials),
                "status": {s: int((trials["status"] == s).sum()) for s in STATUS_ORDER}}
     if best:
@@ -294,9 +301,9 @@ def write_report(sweep_dir: str | os.PathLike) -> dict:
         header = (f"# Best configuration of sweep {space['name']} ({sweep_dir})\n"
                   f"# {metric} = {prov['mean']:.4f} (mean of {prov['n_runs']} run(s) of trial(s) {prov['trial_ids']}) "
                   f"with {json.dumps(prov['params'])}\n# from {prov['run_dir']}; validation carve removed: train on "
-                  f"the full split.\n#   python jobs/two_stage.py --preset {out / 'best.yaml'}\n")
+                  f"the full split.\n#   python jobs/two_stage.py --preset {report / 'best.yaml'}\n")
         (out / "best.yaml").write_text(header + yaml.safe_dump(cfg, sort_keys=False))
-        written.update(best_yaml=str(out / "best.yaml"), best=prov)
+        written.update(best_yaml=str(report / "best.yaml"), best=prov)
 
     params = list(space["params"])
     trial_rows = [[r["trial_id"], r["status"], *[r[k] for k in params], int(r["replicates"]),
@@ -320,12 +327,13 @@ def write_report(sweep_dir: str | os.PathLike) -> dict:
                f"Replicates: {reps}: every trial (one sampled configuration) trains all of them; Optuna and ASHA see "
                "their mean per validation round.  \n"
                f"Trials: {len(trials)} ({counts}); {seconds:.0f} trial-seconds.  \n"
-               f"Early stopping: {stopping}; Optuna TPE seed {space['seed']}; study in `optuna.db`.")
+               f"Early stopping: {stopping}; Optuna TPE seed {space['seed']}; study in "
+               f"{'`optuna.db`' if sweep_dir.is_local else 'Tune searcher state under `tune/`'}.")
     best_text = "No completed trial yet."
     if best:
         top = written["best"]
         best_text = (f"{json.dumps(top['params'])}: {metric} {fmt_ci(top['mean'], top['band'])} over {top['n_runs']} "
-                     f"run(s). Preset: `best.yaml` (`python jobs/two_stage.py --preset {out / 'best.yaml'}`).")
+                     f"run(s). Preset: `best.yaml` (`python jobs/two_stage.py --preset {report / 'best.yaml'}`).")
     importance_note = ("Share of the score variance explained by each key's values; the replicate seed is the noise "
                        "reference.")
     sections = [

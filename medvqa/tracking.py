@@ -28,9 +28,10 @@ per-step curves, which happen inside each trial's own TorchTrainer workers); ``s
 call in the Tune trainable, where neither the Train workers nor a resumed trial can find it again.
 
 The tracking URI: ``run.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<output_dir>/mlflow.db``
-(next to the run directories; no server needed). The driver resolves it once (a relative sqlite path becomes
-absolute) and stores it in tracking.json, so workers on other nodes use the same store -- on a multi-node cluster that
-must be a tracking server (``http://...``), not a sqlite file. A store that cannot be opened when a session starts is
+(next to the run directories; no server needed; with run directories in object storage there is no such default and
+one of the first two is required). The driver resolves it once (a relative sqlite path becomes absolute) and stores
+it in tracking.json, so workers on other nodes use the same store -- on a multi-node cluster that must be a tracking
+server (``http://...``), not a sqlite file. A store that cannot be opened when a session starts is
 an error (the user asked for tracking); once training runs, a failed call is a warning (once per kind of call) and the
 run goes on.
 
@@ -48,6 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from medvqa.runs import git_info, read_json, source_hash, write_json
+from medvqa.storage import StoragePath, local_copy
 
 log = logging.getLogger("medvqa.tracking")
 
@@ -112,12 +114,17 @@ def evaluation_metrics(metrics: Mapping) -> dict[str, float]:
     return out
 
 
-def tracking_uri(configured: str, default_dir: Path) -> str:
-    """``configured`` (run.tracking_uri), else $MLFLOW_TRACKING_URI, else a sqlite store in ``default_dir``; a
-    relative sqlite path or plain folder is made absolute (workers and later sessions have other working dirs)."""
+def tracking_uri(configured: str, default_dir: str | os.PathLike) -> str:
+    """``configured`` (run.tracking_uri), else $MLFLOW_TRACKING_URI, else a sqlite store in ``default_dir`` (a local
+    folder: SQLite cannot live in object storage); a relative sqlite path or plain folder is made absolute (workers
+    and later sessions have other working dirs)."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
-        return f"sqlite:///{(Path(default_dir) / 'mlflow.db').resolve()}"
+        default_dir = StoragePath(default_dir)
+        if not default_dir.is_local:
+            raise ValueError(f"run.tracking=mlflow: the runs are in object storage ({default_dir}), where no sqlite "
+                             f"store can live; set run.tracking_uri or MLFLOW_TRACKING_URI (a tracking server)")
+        return f"sqlite:///{(default_dir.local / 'mlflow.db').resolve()}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
     if "://" not in uri:
@@ -185,7 +192,7 @@ def _find_run(client, stored: Mapping, uri: str, experiment_id: str, tag: str, v
     return found[0].info.run_id if found else None
 
 
-def _open(session_path: Path, uri: str, experiment: str | None, tag: str, name: str, params: Mapping[str, str],
+def _open(session_path: StoragePath, uri: str, experiment: str | None, tag: str, name: str, params: Mapping[str, str],
           tags: Mapping[str, str], running: bool, experiment_id: str | None = None) -> dict:
     """Find or create the MLflow run of ``session_path``'s directory, log the params it lacks and the tags, write
     the session file; returns the session."""
@@ -212,7 +219,7 @@ def _open(session_path: Path, uri: str, experiment: str | None, tag: str, name: 
     return session
 
 
-def _disable(session_path: Path) -> None:
+def _disable(session_path: StoragePath) -> None:
     """This session does not track: keep the stored ids (a later tracked session continues the same MLflow run) but
     tell the workers, which read the file, not to log."""
     stored = read_json(session_path, default={})
@@ -225,7 +232,7 @@ def _disable(session_path: Path) -> None:
 
 def read_session(folder: str | os.PathLike) -> dict | None:
     """The active tracking session of a run or sweep directory (``tracking.json`` with tracking=mlflow), else None."""
-    path = Path(folder) / SESSION_FILE
+    path = StoragePath(folder) / SESSION_FILE
     try:
         session = read_json(path, default=None)
     except ValueError:
@@ -236,12 +243,14 @@ def read_session(folder: str | os.PathLike) -> dict | None:
 _cache: dict[str, tuple[int, dict | None]] = {}
 
 
-def _cached_session(folder: Path) -> dict | None:
+def _cached_session(folder: StoragePath) -> dict | None:
     """``read_session`` cached by the file's mtime: ``log_record`` runs for every step record."""
     path = folder / SESSION_FILE
     try:
-        mtime = path.stat().st_mtime_ns
+        mtime = path.mtime_ns()
     except OSError:
+        return None
+    if mtime is None:
         return None
     hit = _cache.get(str(path))
     if hit is None or hit[0] != mtime:
@@ -259,13 +268,13 @@ def start_run(cfg, run_dir: str | os.PathLike, tags: Mapping[str, str] | None = 
     directory's session is marked inactive and None is returned."""
     from medvqa.config import to_dict
 
-    rd = Path(run_dir)
-    rd.mkdir(parents=True, exist_ok=True)
+    rd = StoragePath(run_dir)
+    rd.mkdir()
     if cfg.run.tracking != "mlflow":
         _disable(rd / SESSION_FILE)
         return None
     uri = parent["uri"] if parent else tracking_uri(cfg.run.tracking_uri, rd.parent)
-    all_tags = {**_code_tags(), "medvqa.run_dir": str(rd.resolve()), "medvqa.adapters": str(rd.resolve() / "adapters"),
+    all_tags = {**_code_tags(), "medvqa.run_dir": str(rd), "medvqa.adapters": str(rd / "adapters"),
                 **(tags or {})}
     if parent:
         all_tags[PARENT_TAG] = parent["run_id"]
@@ -277,27 +286,25 @@ def start_sweep(space, sweep_dir: str | os.PathLike) -> dict | None:
     """The parent MLflow run of a sweep (``space``: a ``sweep.SweepSpace``; tracking follows its base config), with
     the search space as params; trials become its children (``start_run(..., parent=...)``)."""
     cfg = space.base_config()
-    sdir = Path(sweep_dir)
+    sdir = StoragePath(sweep_dir)
     if cfg.run.tracking != "mlflow":
         _disable(sdir / SESSION_FILE)
         return None
     uri = tracking_uri(cfg.run.tracking_uri, sdir)
     params = flatten_params({k: v for k, v in space.to_dict().items() if k != "output_dir"})
     return _open(sdir / SESSION_FILE, uri, cfg.run.tracking_experiment, SWEEP_TAG, sdir.name, params,
-                 {**_code_tags(), "medvqa.sweep_dir": str(sdir.resolve())}, running=True)
+                 {**_code_tags(), "medvqa.sweep_dir": str(sdir)}, running=True)
 
 
 def end_run(folder: str | os.PathLike, status: str = "FINISHED", upload: Mapping[str, str | os.PathLike] = ()) -> None:
     """Mark the tracked run of a run or sweep directory ``status`` (FINISHED, FAILED, KILLED), after uploading the
-    folders in ``upload`` (artifact path -> local folder) that exist."""
+    folders in ``upload`` (artifact path -> folder or URI) that exist."""
     session = read_session(folder)
     if session is None:
         return
-    client = _client(session["uri"])
     for artifact_path, local in dict(upload).items():
-        if Path(local).is_dir():
-            _safely(f"upload {artifact_path}", client.log_artifacts, session["run_id"], str(local), artifact_path)
-    _safely("end run", client.set_terminated, session["run_id"], status)
+        log_artifacts(folder, local, artifact_path)
+    _safely("end run", _client(session["uri"]).set_terminated, session["run_id"], status)
 
 
 def end_sweep(sweep_dir: str | os.PathLike, status: str, report_dir: str | os.PathLike,
@@ -331,7 +338,7 @@ def log_metrics(session: Mapping, metrics: Mapping[str, float], step: int = 0, t
 
 def log_record(run_dir: str | os.PathLike, record: Mapping) -> None:
     """A metrics.jsonl record to the run's MLflow run, if this run is tracked (cheap when it is not)."""
-    session = _cached_session(Path(run_dir))
+    session = _cached_session(StoragePath(run_dir))
     if session is None:
         return
     metrics = record_metrics(record)
@@ -350,8 +357,9 @@ def log_evaluation(cfg, run_dir: str | os.PathLike, metrics: Mapping) -> None:
 
 
 def log_artifacts(folder: str | os.PathLike, local_dir: str | os.PathLike, artifact_path: str) -> None:
-    """Upload ``local_dir`` (e.g. the report) to the tracked run of a run or sweep directory, if it is tracked."""
+    """Upload ``local_dir`` (e.g. the report; a folder or URI) to the tracked run of a run or sweep directory, if it is
+    tracked."""
     session = read_session(folder)
-    if session is not None and Path(local_dir).is_dir():
-        _safely(f"upload {artifact_path}", _client(session["uri"]).log_artifacts, session["run_id"], str(local_dir),
-                artifact_path)
+    if session is not None and StoragePath(local_dir).is_dir():
+        _safely(f"upload {artifact_path}", lambda: _client(session["uri"]).log_artifacts(
+            session["run_id"], str(local_copy(local_dir)), artifact_path))

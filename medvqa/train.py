@@ -21,6 +21,11 @@ is queued, and the queue holds one). A job killed in between restores the checkp
 the unregistered one is left on disk and overwritten when the resumed run reports that step again. Either way the
 steps after the restored checkpoint are trained again, identically, and metrics.jsonl rows of the lost attempt are
 superseded (``medvqa.runs.read_metrics``).
+
+Storage: the run directory may be a bucket (``run.output_dir=s3://…``, ``medvqa.storage``); checkpoints go there
+(``storage_path`` is its URI), and no worker reads a path only the driver has: the carved validation set reaches the
+rank-0 worker as a Ray object, the stage-1 adapter and the prepared records are read from the run directory's
+storage, and the finished adapter is uploaded there (``adapter_config.json`` last, the mark of a finished stage).
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from medvqa.config import Config, ResourcesConfig, StageConfig, from_dict, grad_accum_steps, to_dict
+from medvqa.config import Config, ResourcesConfig, StageConfig, from_dict, grad_accum_steps, node_resources, to_dict
 from medvqa.ray_init import init_ray
 from medvqa.runs import RunDir
+from medvqa.storage import StoragePath, staged
 
 log = logging.getLogger("medvqa.train")
 
@@ -47,9 +53,9 @@ def build_model_for_stage(cfg: Config, stage_name: str, run_dir: RunDir, use_gpu
     if stage_name == "stage2" and cfg.stage1.enabled:
         if not (stage1_adapter / "adapter_config.json").exists():
             raise FileNotFoundError(f"stage 2 needs the stage-1 adapter at {stage1_adapter}")
+        # From the run directory's storage (a bucket on a cluster), never a path only the driver has.
         return load_model(cfg, use_gpu=use_gpu, stage1_adapter=str(stage1_adapter), handoff=cfg.run.handoff)
     return load_model(cfg, use_gpu=use_gpu)
-
 
 
 
@@ -84,16 +90,17 @@ def validation_metrics(model, processor, rows: list[dict], instruction: str, bat
     return out
 
 
-def _read_records(folder: Path) -> list[dict]:
+def _read_records(folder: StoragePath) -> list[dict]:
     import pyarrow.parquet as pq
 
-    return [row for f in sorted(folder.glob("*.parquet")) for row in pq.read_table(f).to_pylist()]
+    return [row for f in folder.glob("*.parquet") for row in pq.read_table(f.path, filesystem=f.fs).to_pylist()]
 
 
 def train_fn_per_worker(config: dict) -> None:
-    """Ray Train worker loop. ``config``: ``cfg`` (Config as dict), ``stage``, ``run_dir``, ``model_path``,
-    ``num_records``, ``faults`` and ``pgid`` (``medvqa.faults.faults_from_env``) and, when the stage carves a
-    validation set, ``validation_dir`` (its prepared records)."""
+    """Ray Train worker loop. ``config``: ``cfg`` (Config as dict), ``stage``, ``run_dir`` (a path or URI),
+    ``model_path``, ``num_records``, ``faults`` and ``pgid`` (``medvqa.faults.faults_from_env``) and, when the stage
+    carves a validation set, ``validation`` (an object ref of its records, put by the driver: workers on any node get
+    it through Ray) and ``num_validation``."""
     import torch
     import ray.train
 
@@ -109,7 +116,7 @@ def train_fn_per_worker(config: dict) -> None:
         require_cuda("this Train worker")  # a GPU run never trains on CPU in silence
     stage_name: str = config["stage"]
     stage: StageConfig = getattr(cfg, stage_name)
-    run_dir = RunDir(Path(config["run_dir"]))
+    run_dir = RunDir(config["run_dir"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
@@ -153,7 +160,10 @@ def train_fn_per_worker(config: dict) -> None:
     if sum(g.rows for g in index) != config["num_records"]:
         raise RuntimeError(f"[{stage_name}] {records_dir} holds {sum(g.rows for g in index)} records, its manifest "
                            f"{config['num_records']}")
-    validation_rows = _read_records(Path(config["validation_dir"])) if config.get("validation_dir") else []
+    validation_rows = ray.get(config["validation"]) if config.get("validation") is not None else []
+    if len(validation_rows) != config.get("num_validation", 0):  # never a silently missing metric
+        raise RuntimeError(f"[{stage_name}] {len(validation_rows)} validation records arrived, the driver prepared "
+                           f"{config.get('num_validation', 0)}")
     # Validation rounds are numbered from the step, so a resumed stage continues the count (Tune's ASHA compares
     # trials at equal rounds); by default they fall on epoch ends.
     validate_every = stage.validate_every_n_steps or geometry.steps
@@ -235,7 +245,9 @@ def train_fn_per_worker(config: dict) -> None:
                      wait=functools.partial(_wait_until_registered, last_checkpoint))
 
     if rank == 0:
-        save_adapter(model, run_dir.adapter(stage_name))
+        # adapter_config.json goes last: its presence marks the stage finished (run_two_stage skips it on resume).
+        with staged(run_dir.adapter(stage_name), last=("adapter_config.json",)) as local:
+            save_adapter(model, local)
         log.info("[%s] finished at step %d; adapter saved to %s", stage_name, progress["step"],
                  run_dir.adapter(stage_name))
 
@@ -277,9 +289,9 @@ def gather_from_workers(obj) -> list:
 
 def worker_resources(resources: ResourcesConfig) -> dict:
     """Ray resources of one Train worker: its CPUs, with ``use_gpu`` ``gpus_per_worker`` GPUs (a fraction lets
-    several trials' workers share one GPU), and the custom ``worker_resources`` that pin it to chosen nodes."""
+    several trials' workers share one GPU), and a sliver of ``worker_resource`` when set (only nodes that carry it)."""
     return {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if resources.use_gpu else {}),
-            **resources.worker_resources}
+            **node_resources(resources)}
 
 
 def fit_stage(cfg: Config, stage_name: str, run_dir: RunDir, model_path: str, callbacks: list | None = None) -> dict:
@@ -314,7 +326,8 @@ def fit_stage(cfg: Config, stage_name: str, run_dir: RunDir, model_path: str, ca
                              f"validation images out of {manifest['unique_images']}; raise the fraction")
         log.info("[%s] validation: %d questions on %d images, image-disjoint from the %d training records",
                  stage_name, val_manifest["valid"], val_manifest["unique_images"], manifest["valid"])
-        loop_config["validation_dir"] = str(run_dir.data(val_name))
+        loop_config["validation"] = ray.put(_read_records(run_dir.data(val_name)))
+        loop_config["num_validation"] = val_manifest["valid"]
     r = cfg.resources
     trainer = TorchTrainer(
         train_fn_per_worker,
@@ -322,7 +335,7 @@ def fit_stage(cfg: Config, stage_name: str, run_dir: RunDir, model_path: str, ca
         scaling_config=ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                                resources_per_worker=worker_resources(r)),
         run_config=ray.train.RunConfig(
-            name=stage_name, storage_path=str(run_dir.checkpoints()),
+            name=stage_name, storage_path=str(run_dir.checkpoints()),  # a folder or a URI (s3://…)
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks))
     t0 = time.perf_counter()
@@ -333,13 +346,13 @@ def fit_stage(cfg: Config, stage_name: str, run_dir: RunDir, model_path: str, ca
     return summary
 
 
-def run_two_stage(cfg: Config, ray_temp_dir: str | None = None, callbacks: list | None = None) -> Path:
+def run_two_stage(cfg: Config, ray_temp_dir: str | None = None, callbacks: list | None = None) -> StoragePath:
     """The main job: both stages (or the enabled one), ending in a self-describing run directory. ``callbacks`` go
     to every stage's TorchTrainer."""
     from medvqa.faults import export_driver_pgid, faults_from_env, fire, parse_faults
     from medvqa.model import resolve_model_path
     from medvqa import observe
-    from medvqa.runs import prepare_run_dir, write_json
+    from medvqa.runs import prepare_run_dir, read_json, write_json
 
     rd = prepare_run_dir(cfg)
     log.info("run dir: %s", rd.path)
@@ -358,10 +371,8 @@ def run_two_stage(cfg: Config, ray_temp_dir: str | None = None, callbacks: list 
         observe.record(rd, {"stage": stage_name, "event": "end", "seconds": summary["seconds"]})
         summaries.append(summary)
         fire(faults, stage_name, rd, fault_env["pgid"], end=None)
-    previous = json.loads(rd.stages_summary.read_text()) if rd.stages_summary.exists() else []
-    write_json(rd.stages_summary, previous + summaries)
+    write_json(rd.stages_summary, read_json(rd.stages_summary, []) + summaries)
     # One data manifest for the run: per stage, what was read, kept and rejected (and where the rejects are).
-    write_json(rd.manifest, {name: json.loads((rd.data(name) / "manifest.json").read_text())
-                             for name, _ in cfg.stages()})
+    write_json(rd.manifest, {name: read_json(rd.data(name) / "manifest.json") for name, _ in cfg.stages()})
     log.info("done: %s", rd.path)
     return rd.path

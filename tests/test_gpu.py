@@ -138,8 +138,7 @@ def test_fractional_gpus_pack_trials_and_do_not_change_the_run():
     quarter = load_config("paper", ["resources.gpus_per_worker=0.25"])
     assert worker_resources(quarter.resources) == {"CPU": 4.0, "GPU": 0.25}
     assert worker_resources(load_config("tiny").resources) == {"CPU": 0.5}  # no GPU key on a CPU run
-    assert worker_resources(load_config("tiny", ["resources.worker_resources={w: 1}"]).resources) == {"CPU": 0.5,
-                                                                                                     "w": 1.0}
+    assert worker_resources(load_config("tiny", ["resources.worker_resource=w"]).resources) == {"CPU": 0.5, "w": 0.001}
     assert run_id(whole) == run_id(quarter)  # scheduling, not the experiment
     space = load_space("paper", {"max_concurrent": None})
     packed = load_space("paper", {"max_concurrent": None,

@@ -1,6 +1,6 @@
 """Node loss on a multi-node Ray on one machine, the way Ray tests itself (``ray.cluster_utils.Cluster``): a head
 (the driver, Ray Data's reads) and two worker nodes that alone have the custom resource ``medvqa_worker``, which
-Train workers and predictor actors ask for (``resources.worker_resources``). A node is taken away
+Train workers, Ray Data tasks and predictor actors ask for (``resources.worker_resource``). A node is taken away
 (``Cluster.remove_node``, no graceful shutdown) while a ``hold`` fault (``medvqa.faults``) keeps its worker at an
 exact point -- the test reads the fault's record to know when and which node, so nothing depends on timing:
 
@@ -35,7 +35,7 @@ WORKER = {"medvqa_worker": 1}
 CHECKPOINT_EVERY = 4
 TRAIN_ARGS = ["stage2.data.num_records=24", "stage2.epochs=2", "stage2.batch_size=2", "stage2.global_batch_size=4",
               f"run.checkpoint_every_n_steps={CHECKPOINT_EVERY}", "run.log_every_n_steps=1",
-              "resources.worker_resources={medvqa_worker: 1}"]
+              "resources.worker_resource=medvqa_worker"]
 TRAIN_FAULT, FAULT_STEP = "stage2:step=11:hold", 11
 # One predictor actor (so exactly one holds), 2 models x 2 conditions x 12 questions in batches of 2; the actor holds
 # its 3rd batch.

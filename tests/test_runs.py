@@ -56,7 +56,7 @@ def test_run_id_changes_with_what_changes_results(override):
                                       "run.checkpoint_every_n_steps=3", "run.max_failures=0",
                                       "model.cache_dir=/tmp/cache", "resources.num_cpus=2",
                                       "resources.cpus_per_worker=2", "resources.data_cpus_per_task=1",
-                                      "resources.data_concurrency=8", "resources.worker_resources={w: 1}",
+                                      "resources.data_concurrency=8", "resources.worker_resource=w",
                                       "eval.max_new_tokens=8",
                                       "eval.conditions=true", "stage2.grad_accum=1"])
 def test_run_id_ignores_where_and_how_often(override):

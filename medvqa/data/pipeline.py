@@ -4,7 +4,9 @@ Two passes, both streaming (no step ever holds the whole data set):
 1. ``prepare_records``: source adapter -> ``validate_batch`` (decode check, content hash, normalisation) in parallel
    tasks -> valid rows written as parquet under ``data/<stage>/``; rejected rows are written by the same tasks to
    ``rejects/<stage>/`` (no image bytes), then gathered into ``rejects/<stage>.jsonl`` with a manifest. The run stops
-   when rejects exceed ``run.max_reject_fraction``. A finished stage is reused on restart.
+   when rejects exceed ``run.max_reject_fraction``. A finished stage is reused on restart. Both folders are in the run
+   directory's storage (``medvqa.storage``: a bucket on a cluster), so tasks on any node write there and the driver
+   collects every reject, never one left on a node's disk.
 2. ``training_dataset``: one worker's part of one epoch, in a seeded order (``rank_plan``) -> read tasks that take
    just those records out of the prepared parquet -> ``preprocess_batch`` (image decode/resize and the processor's chat
    template, labels masked with -100 outside the answer) in parallel tasks; ``collate`` pads micro-batches on the
@@ -28,16 +30,15 @@ import functools
 import hashlib
 import json
 import logging
-import shutil
 from collections.abc import Sequence
 from io import BytesIO
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medvqa.config import DataConfig, ResourcesConfig, StageConfig
+from medvqa.config import DataConfig, ResourcesConfig, StageConfig, node_resources
 from medvqa.prompts import prompt_text
+from medvqa.storage import StoragePath
 
 log = logging.getLogger(__name__)
 
@@ -79,22 +80,24 @@ def _phantom_batch(batch: dict, task: str, seed: int, split: str, anatomy: str) 
     return {k: [r.get(k) for r in rows] for k in rows[0]}
 
 
-def raw_datasets(data: DataConfig, parallelism: int = 8):
+def raw_datasets(data: DataConfig, parallelism: int = 8, remote_args: dict | None = None):
     """Ray Datasets of raw (unvalidated) records of ``data.split`` under ``data.protocol``, one after another.
-    Phantoms are generated inside tasks from their index (one dataset). Other sources are read by their adapter
-    (``protocol.iter_protocol_records``) in the driver, ``_DRIVER_CHUNK`` records at a time:
-    folder layouts yield cheap pointer records (paths, decoded by the tasks), HF sources yield image bytes, so the
-    driver holds at most one chunk of them, never the whole set."""
+    Phantoms are generated inside tasks from their index (one dataset; the indices are made in the driver, so no read
+    task needs placing), with ``remote_args`` (the validation tasks' CPUs and resources). Other sources are read by
+    their adapter (``protocol.iter_protocol_records``) in the driver, ``_DRIVER_CHUNK`` records at a time: folder
+    layouts yield cheap pointer records (paths, decoded by the tasks), HF sources yield image bytes, so the driver
+    holds at most one chunk of them, never the whole set."""
     import itertools
 
     import ray
 
     if data.kind == "phantom":
         n = data.limit if data.limit is not None else data.num_records
-        yield ray.data.range(n, override_num_blocks=max(1, min(parallelism, n // _RAW_CHUNK or 1))).map_batches(
+        yield ray.data.from_items([{"id": i} for i in range(n)],
+                                  override_num_blocks=max(1, min(parallelism, n // _RAW_CHUNK or 1))).map_batches(
             _phantom_batch, fn_kwargs={"task": data.task, "seed": data.seed, "split": data.split,
                                        "anatomy": data.phantom_anatomy},
-            batch_format="numpy", batch_size=_RAW_CHUNK)
+            batch_format="numpy", batch_size=_RAW_CHUNK, **(remote_args or {}))
         return
     from medvqa.data.protocol import iter_protocol_records
 
@@ -135,10 +138,8 @@ def _validate_and_split(batch: dict, rejects_dir: str | None, part: str = "all",
     bad = [i for i, r in enumerate(reasons) if r]
     if bad and rejects_dir is not None:
         key = hashlib.sha1("\n".join(str(out["id"][i]) for i in bad).encode()).hexdigest()[:16]
-        with open(Path(rejects_dir) / f"part-{key}.jsonl", "w") as f:
-            for i in bad:
-                row = {k: v[i] for k, v in out.items() if k != "image"}
-                f.write(json.dumps(row, default=str) + "\n")
+        lines = [json.dumps({k: v[i] for k, v in out.items() if k != "image"}, default=str) + "\n" for i in bad]
+        (StoragePath(rejects_dir) / f"part-{key}.jsonl").write_text("".join(lines))
     keep = [i for i, r in enumerate(reasons) if not r]
     if part != "all":
         wanted = part == "validation"
@@ -146,7 +147,7 @@ def _validate_and_split(batch: dict, rejects_dir: str | None, part: str = "all",
     return {k: [v[i] for i in keep] for k, v in out.items()}
 
 
-def prepare_records(data: DataConfig, out_dir: Path, rejects_dir: Path, resources: ResourcesConfig,
+def prepare_records(data: DataConfig, out_dir: StoragePath, rejects_dir: StoragePath, resources: ResourcesConfig,
                     max_reject_fraction: float, part: str = "train") -> dict:
     """Validate ``data`` into parquet at ``out_dir``; return (and write) the manifest. Idempotent: reuses a finished
     ``out_dir`` (its manifest.json is written last). With ``data.validation_fraction`` > 0, ``part`` picks the
@@ -164,6 +165,7 @@ def prepare_records(data: DataConfig, out_dir: Path, rejects_dir: Path, resource
 
     from medvqa.data.records import SCHEMA, reject_summary
 
+    out_dir, rejects_dir = StoragePath(out_dir), StoragePath(rejects_dir)
     manifest_path = out_dir / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
@@ -173,27 +175,27 @@ def prepare_records(data: DataConfig, out_dir: Path, rejects_dir: Path, resource
         return manifest
     configure_data_context(resources)
     for d in (out_dir, rejects_dir):
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True)
-    for raw in raw_datasets(data):  # write_parquet adds files to out_dir, one chunk after another
+        d.rmtree()
+        d.mkdir()
+    remote_args = {"num_cpus": resources.data_cpus_per_task, "resources": node_resources(resources)}
+    for raw in raw_datasets(data, remote_args=remote_args):  # write_parquet adds files, one chunk after another
         raw.map_batches(
             _validate_and_split, fn_kwargs={"rejects_dir": None if part == "validation" else str(rejects_dir),
                                             "part": carve, "fraction": data.validation_fraction, "seed": data.seed},
-            batch_format="numpy",
-            batch_size=_RAW_CHUNK, num_cpus=resources.data_cpus_per_task,
+            batch_format="numpy", batch_size=_RAW_CHUNK, **remote_args,
             compute=TaskPoolStrategy(size=resources.data_concurrency),
-        ).write_parquet(str(out_dir), schema=SCHEMA, max_rows_per_file=_ROWS_PER_FILE)
+        ).write_parquet(out_dir.path, filesystem=out_dir.fs, schema=SCHEMA, max_rows_per_file=_ROWS_PER_FILE,
+                        ray_remote_args={"resources": remote_args["resources"]})
 
     # Counts from a column projection of the written files (no image bytes read back).
-    files = sorted(out_dir.glob("*.parquet"))
-    table = pa.concat_tables([pq.read_table(f, columns=_MANIFEST_COLUMNS) for f in files]) if files else None
-    rejects = [json.loads(line) for p in sorted(rejects_dir.glob("part-*.jsonl")) for line in p.open()]
+    files = out_dir.glob("*.parquet")
+    table = (pa.concat_tables([pq.read_table(f.path, filesystem=f.fs, columns=_MANIFEST_COLUMNS) for f in files])
+             if files else None)
+    rejects = [json.loads(line) for p in rejects_dir.glob("part-*.jsonl") for line in p.read_text().splitlines()]
     rejects.sort(key=lambda r: str(r.get("id")))
     rejects_file = rejects_dir.with_suffix(".jsonl")
-    with open(rejects_file, "w") as f:
-        for r in rejects:
-            f.write(json.dumps(r) + "\n")
-    shutil.rmtree(rejects_dir)
+    rejects_file.write_text("".join(json.dumps(r) + "\n" for r in rejects))
+    rejects_dir.rmtree()
     valid = table.num_rows if table is not None else 0
     reasons = reject_summary(rejects)  # by reason prefix ('missing image'), not per file path
     manifest = {
@@ -324,7 +326,8 @@ def _unpack(batch: dict, key: str, dtype) -> list:
 
 @dataclasses.dataclass(frozen=True)
 class RowGroup:
-    """One row group of the prepared parquet: where it is, how many records, and its canonical sort key."""
+    """One row group of the prepared parquet: where it is (a path or URI), how many records, and its canonical sort
+    key."""
 
     file: str
     index: int
@@ -332,14 +335,19 @@ class RowGroup:
     key: tuple
 
 
-def record_index(records_dir: Path) -> list[RowGroup]:
-    """The prepared records' row groups in canonical order: by first record id, then a hash of all their ids. Only
-    the id column is read."""
+def _parquet_file(location: str | StoragePath):
     import pyarrow.parquet as pq
 
+    sp = StoragePath(location)
+    return pq.ParquetFile(sp.fs.open_input_file(sp.path))
+
+
+def record_index(records_dir: StoragePath) -> list[RowGroup]:
+    """The prepared records' row groups in canonical order: by first record id, then a hash of all their ids. Only
+    the id column is read."""
     groups = []
-    for f in sorted(Path(records_dir).glob("*.parquet")):
-        pf = pq.ParquetFile(f)
+    for f in StoragePath(records_dir).glob("*.parquet"):
+        pf = _parquet_file(f)
         for g in range(pf.num_row_groups):
             ids = [str(i) for i in pf.read_row_group(g, columns=["id"]).column("id").to_pylist()]
             if ids:
@@ -395,18 +403,17 @@ def rank_plan(index: list[RowGroup], seed: int, epoch: int, rank: int = 0, world
 def _read_planned(batch):
     """Ray Data UDF: one ``rank_plan`` task -> its records (prepared columns), in the planned order."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     out = []
     for files, groups, rows in zip(batch["files"].to_pylist(), batch["row_groups"].to_pylist(),
                                    batch["rows"].to_pylist()):
-        table = pa.concat_tables([pq.ParquetFile(f).read_row_group(g, columns=_READ_COLUMNS)
+        table = pa.concat_tables([_parquet_file(f).read_row_group(g, columns=_READ_COLUMNS)
                                   for f, g in zip(files, groups)])
         out.append(table.take(rows))
     return pa.concat_tables(out)
 
 
-def training_dataset(records_dir: Path, stage: StageConfig, model_path: str, resources: ResourcesConfig,
+def training_dataset(records_dir: StoragePath, stage: StageConfig, model_path: str, resources: ResourcesConfig,
                      do_image_splitting: bool = False, longest_edge: int | None = None, seed: int = 0,
                      epoch: int = 0, rank: int = 0, world: int = 1, start: int = 0,
                      index: list[RowGroup] | None = None):
@@ -422,9 +429,10 @@ def training_dataset(records_dir: Path, stage: StageConfig, model_path: str, res
         raise ValueError(f"worker {rank} of {world}: nothing left of epoch {epoch} after record {start}")
     # Reading a window is quick next to preprocessing its ~1k records: two read tasks keep the preprocessing fed and
     # bound the raw bytes in flight.
+    placement = node_resources(resources)
     ds = ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(
         _read_planned, batch_format="pyarrow", batch_size=1, num_cpus=resources.data_cpus_per_task,
-        compute=TaskPoolStrategy(size=min(2, resources.data_concurrency)))
+        resources=placement, compute=TaskPoolStrategy(size=min(2, resources.data_concurrency)))
     # A window is one block; re-block (streaming, order kept) so the preprocessing tasks run in parallel.
     ds = ds.repartition(target_num_rows_per_block=_ROWS_PER_BLOCK)
     return ds.map_batches(
@@ -432,7 +440,7 @@ def training_dataset(records_dir: Path, stage: StageConfig, model_path: str, res
         fn_kwargs={"model_path": model_path, "instruction": stage.prompt, "max_length": stage.max_length,
                    "do_image_splitting": do_image_splitting, "longest_edge": longest_edge},
         batch_format="numpy", batch_size=16, num_cpus=resources.data_cpus_per_task, zero_copy_batch=True,
-        compute=TaskPoolStrategy(size=resources.data_concurrency))
+        resources=placement, compute=TaskPoolStrategy(size=resources.data_concurrency))
 
 
 def collate_fn_for(processor):
