@@ -292,6 +292,18 @@ def _parse_entrypoint(entrypoint: str) -> tuple[Path, dict]:
     return script, cmd.make_context(" ".join(command), words[2:]).params
 
 
+def _data_on_the_mounted_volume(doc: dict, cfg) -> None:
+    """Datasets are read from paths (folder layouts hand image paths to tasks on any pod): every pod of the cluster
+    mounts the data volume at /data, and every data path of the job is under it."""
+    spec = doc["spec"]["rayClusterSpec"]
+    pods = [spec["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in spec["workerGroupSpecs"])]
+    for pod in pods:
+        assert {"mountPath": "/data", "name": "data", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+        assert any(v["name"] == "data" and "persistentVolumeClaim" in v for v in pod["volumes"])
+    for path in (cfg.stage1.data.path, cfg.stage2.data.path, cfg.eval.medhalt_path, cfg.eval.ood_path):
+        assert path.startswith("/data/"), path
+
+
 def test_rayjob_paper_runs_the_two_stage_job_on_object_storage():
     from medvqa.config import load_config
 
@@ -300,8 +312,8 @@ def test_rayjob_paper_runs_the_two_stage_job_on_object_storage():
     assert script.relative_to(ROOT).as_posix() == "jobs/two_stage.py" and params["preset"] == "paper"
     cfg = load_config(params["preset"], params["overrides"] or [])
     assert cfg.resources.use_gpu
-    for path in (cfg.run.output_dir, cfg.stage1.data.path, cfg.stage2.data.path):
-        assert path.startswith("s3://"), path
+    assert cfg.run.output_dir.startswith("s3://")  # the run directory in the bucket
+    _data_on_the_mounted_volume(doc, cfg)
 
 
 def test_rayjob_sweep_runs_the_paper_sweep_as_many_at_once_as_the_gpu_group_allows():
@@ -313,7 +325,7 @@ def test_rayjob_sweep_runs_the_paper_sweep_as_many_at_once_as_the_gpu_group_allo
     changes = {k: params[k] for k in ("num_samples", "max_concurrent") if params[k] is not None}
     space = load_space(params["preset"], changes, params["overrides"] or [])
     base = space.base_config()
-    assert base.stage1.data.path.startswith("s3://") and base.stage2.data.path.startswith("s3://")
+    _data_on_the_mounted_volume(doc, base)
     gpu = _gpu_group(doc)
     gpus_per_pod = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
     # The sweep cannot see how far KubeRay may scale (Ray 2.60 publishes no maximum there): the manifest says it.
