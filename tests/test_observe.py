@@ -18,7 +18,7 @@ pytest.importorskip("mlflow")
 # rounds, then the evaluation: 6 cells of 32 questions.
 SMALL = ["stage2.data.num_records=32", "stage2.epochs=1", "stage2.data.validation_fraction=0.25",
          "stage2.validate_every_n_steps=3", "run.log_every_n_steps=1", "run.checkpoint_every_n_steps=100",
-         "run.evaluate=true", "resources.num_cpus=2", "run.tracking=mlflow"]
+         "run.evaluate=true", "eval.conditions=true,swapped,expert", "resources.num_cpus=2", "run.tracking=mlflow"]
 CELLS = 6  # base and single_stage x true, swapped, expert
 SERIES = re.compile(r'^(ray_medvqa_\w+)\{(.*)\} (\S+)$')
 
