@@ -6,6 +6,8 @@ each step once. Every test prints the max |Δw| it measured (run pytest with -s 
 Reference run (REFERENCE_ARGS): stage 1 = 12 steps/epoch x 2, stage 2 = 24 steps/epoch x 3, checkpoints every 8 steps
 and at epoch ends (stage 1: 8, 12, 16, 24; stage 2: 8, 16, 24, 32, ...)."""
 
+from pathlib import Path
+
 import pytest
 from conftest import REFERENCE_ARGS, job_env, run_job
 
@@ -23,7 +25,6 @@ CHAIN = ["stage1:step=10:driver",  # mid-epoch: restores step 8 (2 steps lost)
          "stage2:step=24:driver",  # exactly after stage 2's end-of-epoch checkpoint: restores (epoch 1, record 0)
          "stage2:step=36:worker"]  # mid-epoch: Ray Train restarts the worker from step 32 (4 steps lost <= 8)
 CHAIN_STARTS = [("stage1", 0), ("stage1", 8), ("stage2", 0), ("stage2", 24), ("stage2", 32)]
-DRIVER_KILLS = sum(f.endswith(":driver") for f in CHAIN)
 
 
 def _max_dw(run_a, run_b, stage: str) -> float:
@@ -46,6 +47,25 @@ def _each_step_once(run_dir, reference_dir) -> None:
     assert max(abs(g[2] - w[2]) for g, w in zip(got, want)) <= 1e-4
 
 
+def _run_through(faults: list[str], tmp_path) -> Path:
+    """The reference command with ``MEDVQA_FAULT=faults`` in ``tmp_path``, re-run after each driver kill until it
+    finishes (each kill is a -9, the last run a 0); its run directory."""
+    args = [*REFERENCE_ARGS, f"run.output_dir={tmp_path}"]
+    kills = sum(f.endswith(":driver") for f in faults)
+    env = job_env(MEDVQA_FAULT=",".join(faults))
+    codes = []
+    while not codes or (codes[-1] != 0 and len(codes) <= kills):
+        codes.append(run_job(args, env, tmp_path / f"attempt{len(codes)}.log"))
+    assert codes == [-9] * kills + [0], (tmp_path / f"attempt{len(codes) - 1}.log").read_text()[-4000:]
+    return run_dir_for(load_config("tiny", args[2:])).path
+
+
+def _same_adapters(run_dir, ref_dir, what: str, bound: float) -> None:
+    dw = {stage: _max_dw(run_dir, ref_dir, stage) for stage in ("stage1", "stage2")}
+    print(f"\nmax |Δw| {what}: {dw}")
+    assert max(dw.values()) <= bound
+
+
 def _starts(run_dir) -> list[tuple[str, int]]:
     return [(r["stage"], r["step"]) for r in read_metrics(run_dir, superseded=True) if r.get("event") == "train_start"]
 
@@ -56,21 +76,13 @@ def test_killed_job_resumes_at_every_point(reference_run, tmp_path):
     adapters equal the uninterrupted reference's (which ran in another process: equality also shows the training is
     deterministic across processes), and every step was taken once."""
     _, ref_dir = reference_run
-    args = [*REFERENCE_ARGS, f"run.output_dir={tmp_path}"]
-    env = job_env(MEDVQA_FAULT=",".join(CHAIN))
-    codes = []
-    while not codes or (codes[-1] != 0 and len(codes) <= DRIVER_KILLS):
-        codes.append(run_job(args, env, tmp_path / f"attempt{len(codes)}.log"))
-    run_dir = run_dir_for(load_config("tiny", args[2:])).path
-    assert codes == [-9] * DRIVER_KILLS + [0], (tmp_path / f"attempt{len(codes) - 1}.log").read_text()[-4000:]
+    run_dir = _run_through(CHAIN, tmp_path)
     rows = read_metrics(run_dir, superseded=True)
     assert [r["fault"] for r in rows if r.get("event") == "fault"] == CHAIN
     assert _starts(run_dir) == CHAIN_STARTS
     resumed = [r for r in rows if r.get("event") == "train_start"]
     assert [(r["epoch"], r["micro_in_epoch"]) for r in resumed] == [(0, 0), (0, 16), (0, 0), (1, 0), (1, 16)]
-    dw = {stage: _max_dw(run_dir, ref_dir, stage) for stage in ("stage1", "stage2")}
-    print(f"\nmax |Δw| after the faults {CHAIN}: {dw}")
-    assert max(dw.values()) <= EXACT_RESUME
+    _same_adapters(run_dir, ref_dir, f"after the faults {CHAIN}", EXACT_RESUME)
     _each_step_once(run_dir, ref_dir)
 
 
@@ -80,15 +92,9 @@ def test_killed_job_resumes_at_the_other_points(reference_run, tmp_path):
     mid-epoch in stage 2's second epoch (step 45: restores step 40). ~5 min on 2 cores."""
     _, ref_dir = reference_run
     faults = ["stage1:step=12:driver", "stage2:step=45:driver"]
-    args = [*REFERENCE_ARGS, f"run.output_dir={tmp_path}"]
-    env = job_env(MEDVQA_FAULT=",".join(faults))
-    codes = [run_job(args, env, tmp_path / f"attempt{k}.log") for k in range(3)]
-    assert codes == [-9, -9, 0], (tmp_path / "attempt2.log").read_text()[-4000:]
-    run_dir = run_dir_for(load_config("tiny", args[2:])).path
+    run_dir = _run_through(faults, tmp_path)
     assert _starts(run_dir) == [("stage1", 0), ("stage1", 12), ("stage2", 0), ("stage2", 40)]
-    dw = {stage: _max_dw(run_dir, ref_dir, stage) for stage in ("stage1", "stage2")}
-    print(f"\nmax |Δw| after the faults {faults}: {dw}")
-    assert max(dw.values()) <= EXACT_RESUME
+    _same_adapters(run_dir, ref_dir, f"after the faults {faults}", EXACT_RESUME)
     _each_step_once(run_dir, ref_dir)
 
 
@@ -96,12 +102,7 @@ def test_killed_job_resumes_at_the_other_points(reference_run, tmp_path):
 def test_two_uninterrupted_jobs_train_the_same_adapters(reference_run, tmp_path):
     """The reference command again, in a fresh run directory (data prepared anew): ~3 min on 2 cores."""
     _, ref_dir = reference_run
-    args = [*REFERENCE_ARGS, f"run.output_dir={tmp_path}"]
-    assert run_job(args, job_env(), tmp_path / "job.log") == 0, (tmp_path / "job.log").read_text()[-4000:]
-    run_dir = run_dir_for(load_config("tiny", args[2:])).path
-    dw = {stage: _max_dw(run_dir, ref_dir, stage) for stage in ("stage1", "stage2")}
-    print(f"\nmax |Δw| of two uninterrupted runs: {dw}")
-    assert max(dw.values()) <= DETERMINISM
+    _same_adapters(_run_through([], tmp_path), ref_dir, "of two uninterrupted runs", DETERMINISM)
 
 
 @pytest.mark.slow
