@@ -244,7 +244,7 @@ def test_sweep_lives_in_the_bucket(cluster, bucket, tiny_model_dir, tmp_path):
     finally:
         os.environ.pop("MEDVQA_RUNS_BASE")
     assert str(sdir).startswith(f"{bucket}/base/sweeps/mini-")
-    _, trials = load_trials(sdir)
+    _, trials, _ = load_trials(sdir)
     assert sorted(trials["status"]) == ["completed", "completed"] and trials["val_normalized_f1"].notna().all()
     assert all(str(r).startswith(f"{sdir}/runs/trial-") for r in trials["run_dir"])
     prefix = f"base/sweeps/{sdir.name}/"
