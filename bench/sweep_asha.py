@@ -31,7 +31,7 @@ def run(space_name: str, trials: int, asha: bool, out: str) -> dict:
     sdir = run_sweep(space, report=False)
     wall = time.perf_counter() - t0
     report = write_report(sdir)
-    _, df = load_trials(sdir)
+    _, df, _ = load_trials(sdir)
     return {"wall_s": wall, "trial_s": float(df["seconds"].sum()), "rounds": int(df["val_round"].sum()),
             "completed": report["status"]["completed"], "stopped": report["status"]["stopped"],
             "best": report["best"], "configs": sorted(str(sorted((k, df.loc[i, k]) for k in space.params))
